@@ -1,0 +1,35 @@
+"""Command line of the course: ``python -m course_utils doctor | run``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments and run the chosen command; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m course_utils", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("doctor", help="check Python, libraries, GPU, default model, disk and memory")
+    run = sub.add_parser("run", help="execute the lessons into build/ and write build/summary.md")
+    run.add_argument("--model", help="'default' (offline) or a Hugging Face model id")
+    run.add_argument("--device", help="cpu, cuda or auto (default: auto)")
+    run.add_argument("--out", help="output folder (default: build/)")
+    run.add_argument("--only", nargs="*", help="lesson number prefixes to run, e.g. 01 03")
+    args = parser.parse_args(argv)
+
+    if args.command == "doctor":
+        from course_utils import doctor
+
+        checks = doctor.run_checks()
+        print(doctor.report(checks))
+        return 1 if any(c.status == "FAIL" for c in checks) else 0
+
+    from course_utils import runner
+
+    runs = runner.run_course(args.model, args.device, args.out, args.only)
+    return 1 if any(r.error for r in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

