@@ -32,7 +32,7 @@ LIBRARIES: list[tuple[str, str, bool]] = [
 ]
 
 MIN_FREE_DISK_GB = 5.0
-MIN_AVAILABLE_MEMORY_GB = 4.0
+MIN_AVAILABLE_MEMORY_GB = 4.0  # GiB
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def check_library(dist: str, purpose: str, required: bool) -> Check:
         version = metadata.version(dist)
     except metadata.PackageNotFoundError:
         status = "FAIL" if required else "INFO"
-        hint = "run `make setup`" if required else "optional; see the GPU set-up in the README"
+        hint = "run `make setup`" if required else "optional, used by later lessons"
         return Check(status, dist, f"not installed ({purpose}; {hint})")
     return Check("OK", dist, f"{version} ({purpose})")
 
@@ -66,10 +66,10 @@ def check_torch_device() -> Check:
     """Which accelerator torch sees; no GPU is INFO, since every lesson runs on CPU."""
     from course_utils import hardware
 
-    gpus = hardware.gpu_info()
+    gpus = hardware.gpus()
     if not gpus:
         return Check("INFO", "gpu", "no CUDA GPU visible: lessons run on the CPU; GPU-only paths will be skipped")
-    names = ", ".join(f"{g.name} ({g.memory_gb:.0f} GB)" for g in gpus)
+    names = ", ".join(f"{g.name} ({g.memory_gib:.0f} GiB)" for g in gpus)
     return Check("OK", "gpu", names)
 
 
@@ -97,10 +97,10 @@ def check_memory() -> Check:
     """Available memory (RAM)."""
     from course_utils import hardware
 
-    cpu = hardware.cpu_info()
-    ok = cpu.available_memory_gb >= MIN_AVAILABLE_MEMORY_GB
-    detail = f"{cpu.available_memory_gb:.1f} of {cpu.total_memory_gb:.1f} GB available; CPU: {cpu.name}, {cpu.logical_cores} threads"
-    return Check("OK" if ok else "FAIL", "memory", detail + ("" if ok else f" (need {MIN_AVAILABLE_MEMORY_GB:.0f} GB)"))
+    m = hardware.describe()
+    ok = m.memory_available_gib >= MIN_AVAILABLE_MEMORY_GB
+    detail = f"{m.memory_available_gib:.1f} of {m.memory_total_gib:.1f} GiB available; CPU: {m.cpu}, {m.logical_cores} threads"
+    return Check("OK" if ok else "FAIL", "memory", detail + ("" if ok else f" (need {MIN_AVAILABLE_MEMORY_GB:.0f} GiB)"))
 
 
 def run_checks() -> list[Check]:
