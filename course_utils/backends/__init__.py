@@ -1,0 +1,10 @@
+"""Thin adapters to the real quantization libraries, one module per library.
+
+Each adapter imports its library only when a function is called and, when the library (or the
+hardware it needs) is missing, raises an error that says what is missing and how to install it,
+instead of failing with a bare stack trace. ``available()`` in each module answers the question
+without raising.
+
+- ``llamacpp``: ``gguf`` (read and write GGUF files) and ``llama-cpp-python`` (quantize GGUF
+  files, run them and time prompt processing and generation).
+"""

@@ -1,0 +1,421 @@
+"""Adapter to ``gguf`` and ``llama-cpp-python``: export a float GGUF, quantize it, time it.
+
+What it does:
+
+- ``export_f16_gguf``: read a GGUF (by default the course's Q4_1 model) with ``gguf.GGUFReader``,
+  dequantize every tensor with ``gguf.quants.dequantize`` and write a new GGUF with
+  ``gguf.GGUFWriter``: 2-D weights as F16, 1-D tensors (norms) as F32, all metadata copied.
+  llama.cpp's quantizer starts from such a float file.
+- ``quantize_gguf``: make any llama.cpp type (Q8_0, Q4_0, Q4_K_M, ...) with
+  ``llama_cpp.llama_model_quantize``.
+- ``decode_speed``: load a GGUF with llama.cpp and time prompt processing and greedy generation.
+- ``gguf_summary``: tensor counts by type, parameters, bytes, and the bytes one token must read.
+
+Files are cached under ``course_utils.config.cache_dir() / "gguf"``, named after their source and type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+import os
+import re
+import statistics
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from course_utils import config
+
+_INSTALL_HINT = "install the course's requirements (`make setup`, or `pip install -r requirements.txt`)"
+
+
+class BackendUnavailableError(ImportError):
+    """A library this adapter needs is not installed; the message says what to install."""
+
+
+def _import_gguf():
+    try:
+        import gguf
+        import gguf.quants
+    except ImportError as err:
+        raise BackendUnavailableError(
+            f"the Python package 'gguf' is needed to read and write GGUF files but could not be "
+            f"imported ({err}); {_INSTALL_HINT}, or `pip install gguf==0.19.0`"
+        ) from None
+    return gguf
+
+
+def _import_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as err:
+        raise BackendUnavailableError(
+            f"the Python package 'llama-cpp-python' is needed to quantize and run GGUF models but "
+            f"could not be imported ({err}); {_INSTALL_HINT}, or `pip install llama-cpp-python==0.3.36` "
+            f"(it compiles llama.cpp: needs cmake and a C++ compiler, about 5 minutes)"
+        ) from None
+    return llama_cpp
+
+
+def available() -> dict[str, str | None]:
+    """Which of the two libraries can be used: name -> None when importable, else the reason."""
+    status: dict[str, str | None] = {}
+    for name, importer in (("gguf", _import_gguf), ("llama_cpp", _import_llama_cpp)):
+        try:
+            importer()
+            status[name] = None
+        except BackendUnavailableError as err:
+            status[name] = str(err)
+    return status
+
+
+def gguf_cache_dir() -> Path:
+    """Folder for the GGUF files this adapter writes."""
+    path = config.cache_dir() / "gguf"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+_TYPE_SUFFIX = re.compile(r"^(F16|F32|BF16|Q\d\w*|IQ\d\w*|TQ\d\w*|MXFP4\w*)$", re.IGNORECASE)
+
+
+def _base_stem(path: Path) -> str:
+    """``SmolLM2-135M-Instruct.Q4_1.gguf`` -> ``SmolLM2-135M-Instruct`` (drops a type suffix)."""
+    stem = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.stem
+    head, _, tail = stem.rpartition(".")
+    return head if head and _TYPE_SUFFIX.match(tail) else stem
+
+
+def _default_source() -> Path:
+    from course_utils.models import default_gguf_path
+
+    return default_gguf_path()
+
+
+def _is_fresh(dst: Path, src: Path) -> bool:
+    return dst.is_file() and dst.stat().st_size > 0 and dst.stat().st_mtime >= src.stat().st_mtime
+
+
+# ------------------------------------------------------------------------------------ float export
+
+
+def export_f16_gguf(src: str | Path | None = None, dst: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write a float GGUF: every tensor of ``src`` dequantized; 2-D as F16, 1-D as F32.
+
+    ``src`` defaults to the course's model (``course_utils.models.default_gguf_path()``);
+    ``dst`` defaults to ``<cache>/gguf/<name>.F16.gguf`` and is reused when newer than ``src``.
+    All metadata key/values are copied; ``general.file_type`` is set to 1 (mostly F16).
+    Note: a value dequantized from Q4_1 or Q8_0 is rounded once more to the nearest F16.
+    """
+    gguf = _import_gguf()
+    import numpy as np
+
+    src = Path(src) if src is not None else _default_source()
+    dst = Path(dst) if dst is not None else gguf_cache_dir() / f"{_base_stem(src)}.F16.gguf"
+    if _is_fresh(dst, src) and not overwrite:
+        return dst
+    reader = gguf.GGUFReader(src)
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    partial = dst.with_name(dst.name + ".partial")
+    writer = gguf.GGUFWriter(partial, arch=arch)
+    for fld in reader.fields.values():
+        if fld.name == gguf.Keys.General.ARCHITECTURE or fld.name.startswith("GGUF."):
+            continue  # the writer adds these itself
+        value_type = fld.types[0]
+        sub_type = fld.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        value = fld.contents()
+        if fld.name == gguf.Keys.General.FILE_TYPE:
+            value = int(gguf.LlamaFileType.MOSTLY_F16)
+        writer.add_key_value(fld.name, value, value_type, sub_type=sub_type)
+    for tensor in reader.tensors:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        # GGUF shapes list the fastest dimension first; numpy's row-major shape is the reverse.
+        values = values.reshape([int(d) for d in reversed(tensor.shape)])
+        values = values.astype(np.float16 if values.ndim >= 2 else np.float32)
+        writer.add_tensor(tensor.name, values)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    partial.replace(dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------- quantize
+
+
+def llama_ftype(type_name: str) -> int:
+    """llama.cpp's file-type number for a type name such as ``"Q8_0"``, ``"Q4_K_M"`` or ``"F16"``."""
+    llama_cpp = _import_llama_cpp()
+    key = f"LLAMA_FTYPE_MOSTLY_{type_name.upper()}"
+    if key == "LLAMA_FTYPE_MOSTLY_F32":
+        return int(llama_cpp.LLAMA_FTYPE_ALL_F32)
+    if not hasattr(llama_cpp, key):
+        known = sorted(n[len("LLAMA_FTYPE_MOSTLY_") :] for n in dir(llama_cpp) if n.startswith("LLAMA_FTYPE_MOSTLY_"))
+        raise ValueError(f"unknown llama.cpp type {type_name!r}; known types: {', '.join(known)}")
+    return int(getattr(llama_cpp, key))
+
+
+@contextlib.contextmanager
+def _quiet_llama_log(verbose: bool):
+    """Keep llama.cpp's log lines (printed through the 'llama-cpp-python' logger) out of the output."""
+    logger = logging.getLogger("llama-cpp-python")
+    old = logger.level
+    if not verbose:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) if not verbose else contextlib.nullcontext():
+            yield
+    finally:
+        logger.setLevel(old)
+
+
+def quantize_gguf(
+    src: str | Path | None,
+    dst: str | Path | None = None,
+    type_name: str = "Q8_0",
+    n_threads: int | None = None,
+    overwrite: bool = False,
+    verbose: bool = False,
+) -> Path:
+    """Quantize a float GGUF to llama.cpp type ``type_name`` with ``llama_model_quantize``.
+
+    ``src``: a float GGUF (``None``: the course model's F16 export from ``export_f16_gguf``).
+    ``dst`` defaults to ``<cache>/gguf/<name>.<TYPE>.gguf`` and is reused when newer than ``src``.
+    Tensors whose row length does not fit a type's block (e.g. 576 for K-quants, blocks of 256)
+    get a fallback type chosen by llama.cpp; ``gguf_summary(dst)`` shows what each tensor got.
+    """
+    llama_cpp = _import_llama_cpp()
+    src = Path(src) if src is not None else export_f16_gguf()
+    dst = Path(dst) if dst is not None else gguf_cache_dir() / f"{_base_stem(src)}.{type_name.upper()}.gguf"
+    if _is_fresh(dst, src) and not overwrite:
+        return dst
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_ftype(type_name)
+    params.nthread = n_threads or 0
+    partial = dst.with_name(dst.name + ".partial")
+    with _quiet_llama_log(verbose):
+        code = llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), params)
+    if code != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {type_name} (return code {code}); rerun with verbose=True")
+    partial.replace(dst)
+    return dst
+
+
+# ----------------------------------------------------------------------------------------- summary
+
+
+@dataclass(frozen=True)
+class GGUFSummary:
+    """What a GGUF holds: tensors per type, parameters, tensor bytes, and bytes read per token.
+
+    ``bytes_per_token``: bytes a decode step must stream: all tensors, except that the token
+    embedding counts as one row when a separate ``output.weight`` exists (a lookup reads one row;
+    with tied embeddings the same matrix is also the output projection and is read in full).
+    """
+
+    path: Path
+    tensor_types: dict[str, int]
+    n_parameters: int
+    tensor_bytes: int
+    bytes_per_token: int
+    metadata: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.tensor_bytes / self.n_parameters
+
+
+def gguf_summary(path: str | Path) -> GGUFSummary:
+    """Read a GGUF's tensor table (no tensor data is loaded) and summarise it.
+
+    Parsing the metadata (a vocabulary of tens of thousands of strings) takes a second or more,
+    so results are cached per file path, size and modification time.
+    """
+    path = Path(path)
+    stat = path.stat()
+    return _gguf_summary(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _gguf_summary(path: str, _size: int, _mtime_ns: int) -> GGUFSummary:
+    gguf = _import_gguf()
+    reader = gguf.GGUFReader(path)
+    names = {t.name for t in reader.tensors}
+    types: Counter[str] = Counter()
+    n_params = n_bytes = per_token = 0
+    for tensor in reader.tensors:
+        types[tensor.tensor_type.name] += 1
+        n_params += int(tensor.n_elements)
+        n_bytes += int(tensor.n_bytes)
+        if tensor.name == "token_embd.weight" and "output.weight" in names:
+            rows = int(tensor.shape[-1])
+            per_token += int(tensor.n_bytes) // max(rows, 1)
+        else:
+            per_token += int(tensor.n_bytes)
+    metadata = {}
+    for key in ("general.architecture", "general.name", "general.file_type"):
+        fld = reader.get_field(key)
+        if fld is not None:
+            metadata[key] = fld.contents()
+    return GGUFSummary(Path(path), dict(sorted(types.items())), n_params, n_bytes, per_token, metadata)
+
+
+# ------------------------------------------------------------------------------------ decode speed
+
+
+@dataclass(frozen=True)
+class LlamaCppSpeed:
+    """Prompt processing and generation speed of one GGUF under llama.cpp.
+
+    Wall-clock figures time the Python calls (``Llama.eval`` plus a greedy argmax over the
+    logits), taken from the run with the median generation time; ``*_llama`` figures are
+    llama.cpp's own counters for that run (no Python). ``model_bytes`` and ``n_params`` are what
+    llama.cpp reports for the loaded model.
+    """
+
+    path: Path
+    n_threads: int
+    prompt_tokens: int
+    gen_tokens: int
+    prompt_s: float
+    gen_s: float
+    step_s: tuple[float, ...]
+    prompt_tokens_per_s_llama: float
+    gen_tokens_per_s_llama: float
+    model_bytes: int
+    n_params: int
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prompt_s
+
+    @property
+    def gen_tokens_per_s(self) -> float:
+        return self.gen_tokens / self.gen_s
+
+    @property
+    def median_step_s(self) -> float:
+        return statistics.median(self.step_s)
+
+
+def default_threads() -> int:
+    """Threads for llama.cpp: the CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class _Runner:
+    """One loaded GGUF that can time a prompt plus greedy single-token steps."""
+
+    def __init__(self, path: Path, n_threads: int, n_ctx: int):
+        llama_cpp = _import_llama_cpp()
+        self.lib = llama_cpp
+        self.path = path
+        with _quiet_llama_log(False):
+            self.llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                n_batch=n_ctx, verbose=False, seed=0,
+            )
+        self.n_vocab = self.llm.n_vocab()
+        self.runs: list[tuple] = []
+
+    def _greedy(self) -> int:
+        import numpy as np
+
+        logits = self.lib.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
+
+    def run(self, tokens: list[int], n_tokens: int) -> None:
+        llm, lib = self.llm, self.lib
+        llm.reset()
+        lib.llama_perf_context_reset(llm.ctx)
+        start = time.perf_counter()
+        llm.eval(tokens)
+        token = self._greedy()
+        prompt_s = time.perf_counter() - start
+        steps = []
+        for _ in range(n_tokens):
+            start = time.perf_counter()
+            llm.eval([token])
+            token = self._greedy()
+            steps.append(time.perf_counter() - start)
+        perf = lib.llama_perf_context(llm.ctx)
+        self.runs.append((prompt_s, steps, perf.t_p_eval_ms, perf.n_p_eval, perf.t_eval_ms, perf.n_eval))
+
+    def result(self, n_threads: int, n_prompt: int, n_tokens: int, skip: int) -> LlamaCppSpeed:
+        timed = self.runs[skip:]
+        prompt_s, steps, t_p_ms, n_p, t_e_ms, n_e = sorted(timed, key=lambda run: sum(run[1]))[len(timed) // 2]
+        return LlamaCppSpeed(
+            path=self.path,
+            n_threads=n_threads,
+            prompt_tokens=n_prompt,
+            gen_tokens=n_tokens,
+            prompt_s=statistics.median(run[0] for run in timed),
+            gen_s=sum(steps),
+            step_s=tuple(steps),
+            prompt_tokens_per_s_llama=n_p / (t_p_ms / 1e3) if t_p_ms > 0 else float("nan"),
+            gen_tokens_per_s_llama=n_e / (t_e_ms / 1e3) if t_e_ms > 0 else float("nan"),
+            model_bytes=int(self.lib.llama_model_size(self.llm.model)),
+            n_params=int(self.lib.llama_model_n_params(self.llm.model)),
+        )
+
+    def close(self) -> None:
+        with _quiet_llama_log(False):
+            self.llm.close()
+
+
+def decode_speeds(
+    paths: list[str | Path],
+    prompt: str,
+    n_tokens: int = 64,
+    n_threads: int | None = None,
+    repeats: int = 3,
+    n_ctx: int = 512,
+) -> dict[Path, LlamaCppSpeed]:
+    """Time llama.cpp on several GGUFs, taking turns, so that a busy moment affects them alike.
+
+    Each run evaluates the prompt in one batch, then ``n_tokens`` greedy single-token steps; every
+    step feeds the most likely token (end-of-text included), so every run does the same work.
+    One untimed run per model warms up (memory-mapped pages, thread pool), then ``repeats``
+    rounds in turn. All models stay loaded meanwhile. ``n_threads`` defaults to the usable cores.
+    """
+    n_threads = n_threads or default_threads()
+    runners = []
+    try:
+        for path in paths:
+            runners.append(_Runner(Path(path), n_threads, n_ctx))
+        tokens = runners[0].llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        if len(tokens) + n_tokens > n_ctx:
+            raise ValueError(f"prompt ({len(tokens)} tokens) + {n_tokens} new tokens exceed n_ctx={n_ctx}")
+        for _ in range(1 + repeats):
+            for runner in runners:
+                runner.run(tokens, n_tokens)
+        return {runner.path: runner.result(n_threads, len(tokens), n_tokens, skip=1) for runner in runners}
+    finally:
+        for runner in runners:
+            runner.close()
+
+
+def decode_speed(
+    path: str | Path,
+    prompt: str,
+    n_tokens: int = 64,
+    n_threads: int | None = None,
+    repeats: int = 3,
+    n_ctx: int = 512,
+) -> LlamaCppSpeed:
+    """Time llama.cpp on one GGUF: the prompt in one batch, then ``n_tokens`` greedy steps.
+
+    See ``decode_speeds``; the run with the median generation time is reported.
+    """
+    return decode_speeds([path], prompt, n_tokens, n_threads, repeats, n_ctx)[Path(path)]

@@ -1,0 +1,427 @@
+"""Real weight-only matrix-vector kernels, wrapped in one place: fp32, bf16, fp16, int8 and int4.
+
+A decode step multiplies one activation row ``x: (1, in_features)`` by each weight
+``W: (out_features, in_features)``. Storing W in fewer bits means fewer bytes to stream, but only
+if a kernel reads the packed bits directly and dequantizes in registers. PyTorch ships such kernels
+as private operators (their names start with an underscore and may change between versions, which
+is why every call to them lives in this module):
+
+- int8, per output channel, symmetric: ``torch._weight_int8pack_mm(x, w_int8, scales)`` computes
+  ``x @ (w_int8 * scales[:, None]).T``; CPU, and CUDA where this torch build has it.
+- int4, per group of ``group_size`` input columns, asymmetric: on CPU
+  ``torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)`` with
+  ``packed = torch._convert_weight_to_int4pack_for_cpu(codes_int32, 1)``; on CUDA (compute
+  capability 8.0 or newer, bfloat16 input) ``torch._weight_int4pack_mm`` with
+  ``torch._convert_weight_to_int4pack``. Codes are 0..15 and the weight they stand for is
+  ``(code - 8) * scale + zero`` (checked against a dequantized matmul in tests/test_kernels.py).
+  ``scales_and_zeros`` has shape ``(in_features // group_size, out_features, 2)``.
+
+The kernels take the activation in a floating-point dtype (``act_dtype``): bfloat16 is their fast
+path; float32 inputs work but run a slower path (measured in lesson 3).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from course_utils.timing import (
+    BandwidthResult,
+    BenchmarkResult,
+    MatmulCost,
+    benchmark,
+    benchmark_interleaved,
+    matmul_cost,
+    read_probe,
+)
+
+FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
+FLOAT_FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_CUDA_INT4_INNER_K_TILES = 8
+
+
+def _device_type(device: Any) -> str:
+    return torch.device(device).type
+
+
+def _has_op(name: str) -> bool:
+    return hasattr(torch.ops.aten, name)
+
+
+@dataclass
+class PackedWeight:
+    """A weight ``(out_features, in_features)`` stored in one format, ready for its GEMV kernel.
+
+    ``tensors`` holds what the kernel reads (weights and, for int formats, scales); ``nbytes`` is
+    their total size, i.e. the bytes one GEMV must stream from memory.
+    """
+
+    fmt: str
+    out_features: int
+    in_features: int
+    act_dtype: torch.dtype
+    device: str
+    tensors: dict[str, torch.Tensor]
+    group_size: int | None = None
+    kernel: str = ""
+    codes: torch.Tensor | None = field(default=None, repr=False)  # int4 codes 0..15 (for dequantize)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage bits per weight, scales included."""
+        return 8 * self.nbytes / (self.out_features * self.in_features)
+
+    @property
+    def label(self) -> str:
+        """e.g. ``"int8 (bf16 input)"``; float formats are just their name."""
+        if self.fmt in FLOAT_FORMATS:
+            return self.fmt
+        return f"{self.fmt} ({_DTYPE_NAMES[self.act_dtype]} input)"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (m, in_features)`` in ``act_dtype`` -> ``(m, out_features)``."""
+        t = self.tensors
+        if self.fmt in FLOAT_FORMATS:
+            return torch.nn.functional.linear(x, t["weight"])
+        if self.fmt == "int8":
+            return torch._weight_int8pack_mm(x, t["weight"], t["scales"])
+        if _device_type(self.device) == "cuda":
+            return torch._weight_int4pack_mm(x, t["weight"], self.group_size, t["scales_and_zeros"])
+        return torch._weight_int4pack_mm_for_cpu(x, t["weight"], self.group_size, t["scales_and_zeros"])
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight ``(out_features, in_features)`` that this format represents."""
+        t = self.tensors
+        if self.fmt in FLOAT_FORMATS:
+            return t["weight"].float()
+        if self.fmt == "int8":
+            return t["weight"].float() * t["scales"].float()[:, None]
+        sz = t["scales_and_zeros"].float()  # (groups, out, 2)
+        scales = sz[..., 0].T.repeat_interleave(self.group_size, dim=1)
+        zeros = sz[..., 1].T.repeat_interleave(self.group_size, dim=1)
+        return (self.codes.float() - 8) * scales + zeros
+
+    def clone(self) -> PackedWeight:
+        """An independent copy (same values, new memory): used to defeat caches when timing."""
+        return PackedWeight(
+            fmt=self.fmt,
+            out_features=self.out_features,
+            in_features=self.in_features,
+            act_dtype=self.act_dtype,
+            device=self.device,
+            tensors={k: v.clone() for k, v in self.tensors.items()},
+            group_size=self.group_size,
+            kernel=self.kernel,
+            codes=self.codes,
+        )
+
+
+def kernel_support(fmt: str, device: Any = "cpu", act_dtype: torch.dtype | None = None) -> str | None:
+    """``None`` when a GEMV kernel for ``fmt`` runs on ``device``, else the reason it does not."""
+    if fmt not in FORMATS:
+        return f"unknown format {fmt!r}; expected one of {FORMATS}"
+    kind = _device_type(device)
+    if fmt in FLOAT_FORMATS:
+        return None
+    act_dtype = act_dtype or torch.bfloat16
+    if fmt == "int8":
+        if not _has_op("_weight_int8pack_mm"):
+            return f"torch {torch.__version__} has no torch._weight_int8pack_mm"
+        if kind == "cuda":
+            return _probe(device, "int8", act_dtype)
+        return None
+    if kind == "cuda":
+        if not (_has_op("_weight_int4pack_mm") and _has_op("_convert_weight_to_int4pack")):
+            return f"torch {torch.__version__} has no torch._weight_int4pack_mm"
+        if act_dtype != torch.bfloat16:
+            return "the CUDA int4 kernel (tinygemm) takes bfloat16 inputs only"
+        if torch.cuda.get_device_capability(torch.device(device)) < (8, 0):
+            return "the CUDA int4 kernel needs compute capability 8.0 or newer"
+        return _probe(device, "int4", act_dtype)
+    if kind != "cpu":
+        return f"no int4 GEMV kernel wrapped for device type {kind!r}"
+    if not (_has_op("_weight_int4pack_mm_for_cpu") and _has_op("_convert_weight_to_int4pack_for_cpu")):
+        return f"torch {torch.__version__} has no torch._weight_int4pack_mm_for_cpu"
+    return None
+
+
+_PROBED: dict[tuple[str, str, torch.dtype], str | None] = {}
+
+
+def _probe(device: Any, fmt: str, act_dtype: torch.dtype) -> str | None:
+    """Run the kernel once on a small matrix; return the error text if it fails."""
+    key = (str(device), fmt, act_dtype)
+    if key not in _PROBED:
+        try:
+            w = torch.randn(256, 256, generator=torch.Generator().manual_seed(0))
+            packed = _pack(w.to(device), fmt, 64, act_dtype)
+            packed(torch.ones(1, 256, dtype=act_dtype, device=device))
+            _PROBED[key] = None
+        except (RuntimeError, NotImplementedError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            _PROBED[key] = f"not available in torch {torch.__version__} on {device}: {first_line}"
+    return _PROBED[key]
+
+
+def pack_weight(
+    weight: torch.Tensor, fmt: str, group_size: int = 128, act_dtype: torch.dtype | None = None
+) -> PackedWeight:
+    """Store ``weight: (out_features, in_features)`` in ``fmt`` on the weight's device.
+
+    Float formats cast the weight. ``"int8"``: symmetric round-to-nearest per output row, scale =
+    max|w| / 127. ``"int4"``: asymmetric round-to-nearest per group of ``group_size`` consecutive
+    input columns, codes 0..15, weight = (code - 8) * scale + zero. ``act_dtype`` is the input
+    dtype the kernel will be called with (default: the float format itself; bfloat16 for int).
+    Raises ``RuntimeError`` with the reason when this device has no kernel for ``fmt``.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if fmt in FLOAT_FORMATS:
+        act_dtype = FLOAT_FORMATS[fmt]
+    act_dtype = act_dtype or torch.bfloat16
+    reason = kernel_support(fmt, weight.device, act_dtype)
+    if reason:
+        raise RuntimeError(f"cannot run a {fmt} GEMV here: {reason}")
+    return _pack(weight, fmt, group_size, act_dtype)
+
+
+def _pack(weight: torch.Tensor, fmt: str, group_size: int, act_dtype: torch.dtype) -> PackedWeight:
+    out_features, in_features = weight.shape
+    device = str(weight.device)
+    common = dict(fmt=fmt, out_features=out_features, in_features=in_features, act_dtype=act_dtype, device=device)
+    if fmt in FLOAT_FORMATS:
+        w = weight.to(FLOAT_FORMATS[fmt]).contiguous()
+        return PackedWeight(tensors={"weight": w}, kernel="torch.nn.functional.linear", **common)
+    w = weight.float()
+    if fmt == "int8":
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(act_dtype)
+        codes = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        return PackedWeight(
+            tensors={"weight": codes, "scales": scales}, kernel="torch._weight_int8pack_mm", **common
+        )
+    if fmt != "int4":
+        raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+    if in_features % group_size:
+        raise ValueError(
+            f"group_size {group_size} does not divide in_features {in_features}; "
+            f"choose a divisor of {in_features} (e.g. 32 or 64)"
+        )
+    rows_multiple = 8 if _device_type(device) == "cuda" else 16
+    cols_multiple = 16 * _CUDA_INT4_INNER_K_TILES if _device_type(device) == "cuda" else 2
+    if out_features % rows_multiple or in_features % cols_multiple:
+        raise ValueError(
+            f"the int4 kernel on {device} needs out_features a multiple of {rows_multiple} and "
+            f"in_features a multiple of {cols_multiple}; got {out_features} x {in_features}"
+        )
+    groups = w.reshape(out_features, in_features // group_size, group_size)
+    low, high = groups.amin(dim=2), groups.amax(dim=2)
+    scales = ((high - low) / 15).clamp(min=1e-12).to(act_dtype).float()
+    zeros = (low + 8 * scales).to(act_dtype).float()
+    codes = torch.round((groups - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15)
+    codes = codes.reshape(out_features, in_features).to(torch.int32).contiguous()
+    scales_and_zeros = torch.stack([scales.T, zeros.T], dim=-1).to(act_dtype).contiguous()
+    if _device_type(device) == "cuda":
+        nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+        packed = torch._convert_weight_to_int4pack(nibbles, _CUDA_INT4_INNER_K_TILES)
+        kernel = "torch._weight_int4pack_mm"
+    else:
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+        kernel = "torch._weight_int4pack_mm_for_cpu"
+    return PackedWeight(
+        tensors={"weight": packed, "scales_and_zeros": scales_and_zeros},
+        group_size=group_size,
+        kernel=kernel,
+        codes=codes.to(torch.uint8),
+        **common,
+    )
+
+
+def gemv_input(in_features: int, dtype: torch.dtype, device: Any = "cpu", seed: int = 0) -> torch.Tensor:
+    """A seeded random activation row ``(1, in_features)`` in ``dtype`` on ``device``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, in_features, generator=gen).to(device=device, dtype=dtype)
+
+
+def _copies(weight: PackedWeight, rotate_bytes: int) -> list[PackedWeight]:
+    """``weight`` and enough clones of it to cover ``rotate_bytes`` (at least the weight itself)."""
+    n_copies = max(1, math.ceil(rotate_bytes / weight.nbytes))
+    return [weight] + [weight.clone() for _ in range(n_copies - 1)]
+
+
+def _cycling_call(copies: list[PackedWeight], x: torch.Tensor) -> Callable[[], Any]:
+    cycle = itertools.cycle(copies)
+
+    def call():
+        with torch.inference_mode():
+            return next(cycle)(x)
+
+    return call
+
+
+def _rotating_gemv(weight: PackedWeight, x: torch.Tensor | None, rotate_bytes: int) -> tuple[Callable[[], Any], int]:
+    """A no-argument GEMV that cycles through copies of ``weight`` covering ``rotate_bytes``."""
+    x = x if x is not None else gemv_input(weight.in_features, weight.act_dtype, weight.device)
+    copies = _copies(weight, rotate_bytes)
+    return _cycling_call(copies, x), len(copies)
+
+
+def time_gemv(
+    weight: PackedWeight,
+    x: torch.Tensor | None = None,
+    warmup: int = 3,
+    repeat: int = 20,
+    rotate_bytes: int = 128 * 2**20,
+) -> BenchmarkResult:
+    """Time one GEMV ``x @ W.T`` with a single input row; returns per-call seconds.
+
+    A weight smaller than the caches would be served from cache after the first call. To time
+    the memory, not the cache, calls cycle through enough copies of the weight to cover
+    ``rotate_bytes`` (default 128 MiB, several times CPU L3 and GPU L2 sizes).
+    """
+    call, n_copies = _rotating_gemv(weight, x, rotate_bytes)
+    return benchmark(call, warmup=max(warmup, n_copies), repeat=repeat, device=weight.device)
+
+
+@dataclass(frozen=True)
+class GemvTiming:
+    """One format's GEMV: bytes streamed per call and the measured time."""
+
+    label: str
+    fmt: str
+    act_dtype: str
+    nbytes: int
+    timing: BenchmarkResult
+
+    @property
+    def median_s(self) -> float:
+        return self.timing.median_s
+
+    @property
+    def gbps(self) -> float:
+        """Effective bandwidth: weight bytes streamed per second (GB/s)."""
+        return self.nbytes / self.timing.median_s / 1e9
+
+
+@dataclass(frozen=True)
+class GemvSweep:
+    """GEMV timings of one weight in several formats, and the read bandwidth measured alongside."""
+
+    shape: tuple[int, int]
+    device: str
+    timings: list[GemvTiming]
+    skipped: dict[str, str]
+    bandwidth: BandwidthResult
+
+    def by_label(self) -> dict[str, GemvTiming]:
+        return {t.label: t for t in self.timings}
+
+    def speed_of_light_fraction(self, label: str) -> float:
+        """Effective GB/s of a GEMV over the measured read bandwidth (1.0 = as fast as a plain read)."""
+        return self.by_label()[label].gbps / self.bandwidth.gbps
+
+
+def variant_label(fmt: str, act_dtype: torch.dtype | None = None) -> str:
+    """Label of a (format, input dtype) pair, e.g. ``"fp16"`` or ``"int4 (fp32 input)"``."""
+    if fmt in FLOAT_FORMATS:
+        return fmt
+    return f"{fmt} ({_DTYPE_NAMES[act_dtype or torch.bfloat16]} input)"
+
+
+def gemv_sweep(
+    out_features: int,
+    in_features: int,
+    variants: list[tuple[str, torch.dtype | None]],
+    device: Any = "cpu",
+    group_size: int = 128,
+    rounds: int = 5,
+    repeat: int = 4,
+    rotate_bytes: int = 128 * 2**20,
+    seed: int = 0,
+) -> GemvSweep:
+    """Time a GEMV of one seeded random weight in each (format, input dtype) of ``variants``.
+
+    All variants and a memory-read probe (``timing.read_probe``) are timed in turns
+    (``timing.benchmark_interleaved``), so a busy moment on a shared machine affects them alike.
+    Variants this device cannot run are listed in ``skipped`` with the reason.
+    Memory: about ``rotate_bytes`` per variant (at least one copy of the weight in that format).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(out_features, in_features, generator=gen) * 0.02).to(device)
+    calls: dict[str, Callable[[], Any]] = {}
+    sizes: dict[str, tuple[str, str, int]] = {}
+    skipped: dict[str, str] = {}
+    for fmt, act_dtype in variants:
+        act = FLOAT_FORMATS.get(fmt, act_dtype or torch.bfloat16)
+        label = variant_label(fmt, act)
+        reason = kernel_support(fmt, device, act)
+        if reason:
+            skipped[label] = reason
+            continue
+        packed = pack_weight(weight, fmt, group_size=group_size, act_dtype=act)
+        calls[label], _ = _rotating_gemv(packed, None, rotate_bytes)
+        sizes[label] = (fmt, _DTYPE_NAMES[act], packed.nbytes)
+    del weight
+    probe, probe_bytes = read_probe(None, device)
+    calls["read probe"] = probe
+    results = benchmark_interleaved(calls, rounds=rounds, repeat=repeat, warmup=2, device=device)
+    timings = [GemvTiming(label, *sizes[label], results[label]) for label in sizes]
+    bandwidth = BandwidthResult.from_timing(probe_bytes, device, results["read probe"])
+    return GemvSweep((out_features, in_features), str(device), timings, skipped, bandwidth)
+
+
+@dataclass(frozen=True)
+class BatchTiming:
+    """An (m x k) @ (k x n) product with a stored weight: m rows (tokens) at once."""
+
+    m: int
+    cost: MatmulCost
+    timing: BenchmarkResult
+
+    @property
+    def gflops(self) -> float:
+        """Achieved GFLOP/s (median time)."""
+        return self.cost.flops / self.timing.median_s / 1e9
+
+
+def matmul_batch_sweep(
+    out_features: int,
+    in_features: int,
+    batch_sizes: list[int],
+    dtype: torch.dtype = torch.bfloat16,
+    device: Any = "cpu",
+    rounds: int = 3,
+    repeat: int = 3,
+    rotate_bytes: int = 128 * 2**20,
+    seed: int = 0,
+) -> list[BatchTiming]:
+    """Time ``x @ W.T`` for ``x: (m, in_features)``, ``m`` in ``batch_sizes``, with one float weight.
+
+    With m = 1 this is a decode step's GEMV; as m grows, each weight byte serves m rows, so the
+    arithmetic intensity grows about linearly with m until compute, not memory, is the limit.
+    Batch sizes are timed in turns (``timing.benchmark_interleaved``); weights rotate as in
+    ``time_gemv``.
+    """
+    fmt = _DTYPE_NAMES[dtype]
+    gen = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(out_features, in_features, generator=gen) * 0.02).to(device)
+    copies = _copies(pack_weight(weight, fmt), rotate_bytes)
+    del weight
+    calls = {}
+    for m in batch_sizes:
+        x = torch.randn(m, in_features, generator=gen).to(device=device, dtype=dtype)
+        calls[m] = _cycling_call(copies, x)
+    results = benchmark_interleaved(calls, rounds=rounds, repeat=repeat, warmup=max(2, len(copies)), device=device)
+    size = torch.finfo(dtype).bits // 8
+    return [
+        BatchTiming(m, matmul_cost(m, in_features, out_features, size, size), results[m]) for m in batch_sizes
+    ]
