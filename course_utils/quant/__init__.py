@@ -1,0 +1,7 @@
+"""From-scratch quantizers, each a small module.
+
+``rtn``: round-to-nearest quantize/dequantize (symmetric absmax or asymmetric zero-point; per tensor,
+per output channel or per group; 2-8 bits; optional clipping search). ``packing``: codes of any width
+from 1 to 8 bits packed into bytes and back. ``linear``: ``QuantLinear`` (packed codes, dequantized on
+the fly) and ``quantize_model``.
+"""

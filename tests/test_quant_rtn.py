@@ -1,0 +1,156 @@
+"""Hand-worked RTN codes and scales, packing round trips, QuantLinear and model byte accounting."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from course_utils.quant import packing, rtn
+from course_utils.quant.linear import QuantLinear, RTNConfig, quantize_model, theoretical_bits_per_weight
+
+W = torch.tensor([[0.5, -1.0, 0.25, 2.0]])
+
+
+def test_symmetric_int4_by_hand():
+    # absmax 1.75, qmax 7 -> scale 0.25 (exact); 0.5 -> 2; -1.0 -> -4; 0.3 -> 1.2 -> 1; 1.75 -> 7
+    q = rtn.quantize(torch.tensor([[0.5, -1.0, 0.3, 1.75]]), bits=4, group_size=4)
+    assert q.codes.tolist() == [[2, -4, 1, 7]]
+    assert q.scales.item() == 0.25
+    assert q.zeros is None
+    assert q.dequantize().flatten().tolist() == [0.5, -1.0, 0.25, 1.75]
+
+
+def test_asymmetric_int4_by_hand():
+    # range [-1, 2], 15 steps -> scale 0.2; zero = round(1 / 0.2) = 5; codes round(w / 0.2) + 5
+    q = rtn.quantize(W, bits=4, group_size=4, symmetric=False)
+    assert q.scales.item() == pytest.approx(0.2)
+    assert q.zeros.tolist() == [[5]]
+    assert q.codes.tolist() == [[7, 0, 6, 15]]  # 2.5 -> 2 and 1.25 -> 1 (round half to even)
+    assert q.dequantize().flatten().tolist() == pytest.approx([0.4, -1.0, 0.2, 2.0])
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_codes_stay_in_range_and_error_is_at_most_half_a_step(bits, symmetric):
+    w = torch.randn(16, 128, generator=torch.Generator().manual_seed(bits))
+    q = rtn.quantize(w, bits, 32, symmetric)
+    lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    assert q.codes.min() >= lo and q.codes.max() <= hi
+    step = q.scales.repeat_interleave(32, dim=1)
+    assert ((q.dequantize() - w).abs() <= step / 2 + 1e-6).all()
+
+
+def test_error_falls_with_bits_and_with_smaller_groups():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    err = {b: (rtn.fake_quantize(w, b, 64) - w).pow(2).mean() for b in (3, 4, 8)}
+    assert err[8] < err[4] < err[3]
+    by_group = [(rtn.fake_quantize(w, 4, g) - w).pow(2).mean() for g in ("tensor", "channel", 128, 32)]
+    assert by_group == sorted(by_group, reverse=True)
+
+
+def test_one_outlier_ruins_a_per_tensor_scale_but_not_per_group():
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    w[0, 0] = 100.0
+    per_tensor = (rtn.fake_quantize(w, 4, "tensor") - w)[1:].pow(2).mean()
+    per_group = (rtn.fake_quantize(w, 4, 32) - w)[1:].pow(2).mean()
+    assert per_tensor > 50 * per_group
+
+
+def test_clip_search_never_worse_than_no_clipping():
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(0))
+    ratio = rtn.search_clip_ratio(w, 3, 64)
+    assert ratio.shape == (32, 2) and (ratio <= 1).all()
+    clipped = (rtn.fake_quantize(w, 3, 64, clip_ratio=ratio) - w).pow(2).mean()
+    plain = (rtn.fake_quantize(w, 3, 64) - w).pow(2).mean()
+    assert clipped <= plain
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"bits": 1}, "bits must be an integer from 2 to 8"),
+        ({"bits": 9}, "bits must be an integer from 2 to 8"),
+        ({"group_size": 128}, "does not divide in_features=576"),
+        ({"group_size": 0}, "positive int"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        rtn.quantize(torch.randn(4, 576), **kwargs)
+
+
+def test_nan_or_inf_weight_is_refused():
+    w = torch.randn(4, 64)
+    w[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rtn.quantize(w)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_unpack_round_trip_and_size(bits):
+    codes = torch.randint(0, 2**bits, (1001,), generator=torch.Generator().manual_seed(bits))
+    packed = packing.pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == packing.packed_nbytes(1001, bits) == -(-1001 * bits // 8)
+    assert torch.equal(packing.unpack(packed, bits, 1001).long(), codes)
+
+
+def test_two_int4_codes_share_a_byte_low_nibble_first():
+    assert packing.pack(torch.tensor([3, 10]), 4).tolist() == [3 + 16 * 10]
+
+
+def test_pack_rejects_codes_out_of_range():
+    with pytest.raises(ValueError, match="0..15"):
+        packing.pack(torch.tensor([16]), 4)
+
+
+@pytest.mark.parametrize("config", [RTNConfig(4, 64), RTNConfig(3, 32, symmetric=False), RTNConfig(8, "channel"), RTNConfig(4, 64, clip=True)])
+def test_quant_linear_equals_matmul_with_dequantized_weight(config):
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 48)
+    q = QuantLinear.from_linear(linear, config)
+    x = torch.randn(5, 128)
+    expected = x @ rtn.fake_quantize(linear.weight, config.bits, config.group_size, config.symmetric,
+                                     rtn.search_clip_ratio(linear.weight, config.bits, config.group_size, config.symmetric) if config.clip else 1.0).T + linear.bias
+    assert torch.allclose(q(x), expected, atol=1e-3)  # scales are stored in float16
+    assert q.codes().shape == (48, 128)
+
+
+def test_theory_of_4bit_group_128_is_4_125_bits():
+    assert theoretical_bits_per_weight(4, 128, symmetric=True) == 4.125
+    assert theoretical_bits_per_weight(4, 64, symmetric=False) == 4 + 24 / 64
+
+
+def test_quantize_model_bytes_match_theory_and_keep_head_float():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64))
+    model.lm_head = nn.Linear(64, 10)
+    report = quantize_model(model, RTNConfig(4, 32))
+    assert report.n_layers == 2 and isinstance(model[0], QuantLinear) and isinstance(model.lm_head, nn.Linear)
+    weights_theory = (64 * 128 + 128 * 64) * (4 + 16 / 32) / 8
+    float_rest = 4 * (128 + 64 + 64 * 10 + 10)  # biases and the head stay float32
+    assert report.bytes_theory == int(weights_theory + float_rest)
+    assert abs(report.bytes_after - report.bytes_theory) <= 0.10 * report.bytes_theory
+
+
+def test_quantize_model_refuses_non_linear_targets():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    with pytest.raises(ValueError, match="only Linear layers"):
+        quantize_model(model, RTNConfig(), only=["1"])
+    with pytest.raises(ValueError, match="no nn.Linear layers"):
+        quantize_model(nn.Sequential(nn.LayerNorm(4)), RTNConfig())
+    with pytest.raises(ValueError, match="single layer"):
+        quantize_model(nn.Linear(4, 4), RTNConfig())
+
+
+def test_default_model_rtn_size_speed_and_quality(default_model):
+    from course_utils import data, evaluate
+
+    model, tok = default_model
+    qmodel = copy.deepcopy(model)
+    report = quantize_model(qmodel, RTNConfig(8, "channel"))
+    assert report.n_layers == 7 * model.config.num_hidden_layers
+    assert abs(report.bytes_after - report.bytes_theory) <= 0.10 * report.bytes_theory
+    assert report.seconds < 30  # budget 10 s on a quiet 2-core machine
+    windows = data.evaluation_windows(tok, max_windows=1, window=256)
+    assert abs(evaluate.compare(qmodel, model, windows).ppl_delta_pct) < 2.0
