@@ -1,4 +1,4 @@
-"""Command line of the course: ``python -m course_utils doctor | run``."""
+"""Command line of the course: ``python -m course_utils doctor | run | labs``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--device", help="cpu, cuda or auto (default: auto)")
     run.add_argument("--out", help="output folder (default: build/)")
     run.add_argument("--only", nargs="*", help="lesson number prefixes to run, e.g. 01 03")
+    labs = sub.add_parser("labs", help="generate labs/ from solutions/ (exercise cells replaced by stubs)")
+    labs.add_argument("--check", action="store_true", help="only report labs that are out of date (exit 1)")
     args = parser.parse_args(argv)
+
+    if args.command == "labs":
+        from course_utils import config, labs as lab_tools
+
+        stale = lab_tools.sync(config.repo_root(), check=args.check)
+        for path in stale:
+            print(f"{'out of date' if args.check else 'wrote'}: {path.relative_to(config.repo_root())}")
+        return 1 if args.check and stale else 0
 
     if args.command == "doctor":
         from course_utils import doctor

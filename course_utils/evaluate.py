@@ -8,7 +8,7 @@ same tokens (compare ``windows.fingerprint()``). A "model" is anything callable 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +67,8 @@ class Comparison:
 
     ``kl_mean`` and ``kl_p99``: KL(reference || candidate) per token in nats, mean and 99th percentile.
     ``top1``: fraction of tokens where both models' most likely next token agree.
+    ``token_nll``, ``token_ref_nll``, ``token_kl``: the per-token values (n_tokens,), in window order,
+    for noise estimates such as :func:`bootstrap_delta_pct`.
     """
 
     ppl: float
@@ -75,6 +77,9 @@ class Comparison:
     kl_p99: float
     top1: float
     n_tokens: int
+    token_nll: torch.Tensor = field(repr=False, default=None)
+    token_ref_nll: torch.Tensor = field(repr=False, default=None)
+    token_kl: torch.Tensor = field(repr=False, default=None)
 
     @property
     def ppl_delta_pct(self) -> float:
@@ -82,16 +87,42 @@ class Comparison:
         return 100.0 * (self.ppl / self.ref_ppl - 1.0)
 
 
+@dataclass(frozen=True)
+class Reference:
+    """A reference model's next-token log-probabilities on ``windows``, computed once and reused.
+
+    ``log_probs``: one float32 tensor (batch, window-1, vocab) per batch of ``batch_size`` windows. It
+    costs windows x window x vocab x 4 bytes (8 x 512 x 49,152 x 4 = 805 MB for the default set), so
+    build it for the windows you need, and compare many candidates against it without re-running
+    the reference model.
+    """
+
+    log_probs: tuple[torch.Tensor, ...]
+    fingerprint: str
+    batch_size: int
+
+
+@torch.inference_mode()
+def reference_log_probs(reference, windows: TokenWindows, batch_size: int = 4) -> Reference:
+    """Run the reference model once over ``windows`` and keep its log-probabilities (on the CPU)."""
+    batches = tuple(_log_probs(reference, ids).cpu() for ids, _ in _batches(windows, batch_size))
+    return Reference(batches, windows.fingerprint(), batch_size)
+
+
 @torch.inference_mode()
 def compare(model, reference, windows: TokenWindows, batch_size: int = 4) -> Comparison:
     """Perplexity of both models, KL divergence and top-1 agreement, in one pass over ``windows``.
 
-    Both models run on each batch in turn, so no full set of reference logits is ever stored
-    (a 49k-word vocabulary over 8k tokens would take 1.6 GB in float32).
+    ``reference`` is a model (run batch by batch beside the candidate, so no full set of logits is
+    stored) or a :class:`Reference` computed once on the same windows (checked by fingerprint).
     """
+    if isinstance(reference, Reference):
+        if reference.fingerprint != windows.fingerprint():
+            raise ValueError("the Reference was computed on other windows than these; rebuild it with reference_log_probs")
+        batch_size = reference.batch_size
     nll_c, nll_r, kls, agree = [], [], [], []
-    for ids, labels in _batches(windows, batch_size):
-        lp_r = _log_probs(reference, ids)
+    for i, (ids, labels) in enumerate(_batches(windows, batch_size)):
+        lp_r = reference.log_probs[i] if isinstance(reference, Reference) else _log_probs(reference, ids)
         lp_c = _log_probs(model, ids).to(lp_r.device)
         target = labels[:, 1:].to(lp_r.device)
         mask = target != -100
@@ -108,6 +139,9 @@ def compare(model, reference, windows: TokenWindows, batch_size: int = 4) -> Com
         kl_p99=float(torch.quantile(kl, 0.99)),
         top1=float(torch.cat(agree).float().mean()),
         n_tokens=int(kl.numel()),
+        token_nll=torch.cat(nll_c),
+        token_ref_nll=torch.cat(nll_r),
+        token_kl=kl,
     )
 
 
@@ -121,3 +155,21 @@ def generate_side_by_side(
         {"prompt": p, **{name: chat(m, tokenizer, p, max_new_tokens) for name, m in models.items()}}
         for p in prompts
     ]
+
+
+def bootstrap_delta_pct(comparison: Comparison, n_windows: int, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of the perplexity change (percent) by a paired bootstrap over windows.
+
+    The scored tokens are split into ``n_windows`` equal consecutive chunks (one per evaluation
+    window); each resample draws chunks with replacement and recomputes both perplexities on the
+    same chunks, so the interval reflects how much the change depends on which text was used.
+    """
+    if comparison.token_nll.numel() % n_windows:
+        raise ValueError(f"{comparison.token_nll.numel()} tokens do not split into {n_windows} equal windows; use non-overlapping windows")
+    c = comparison.token_nll.view(n_windows, -1).mean(1)
+    r = comparison.token_ref_nll.view(n_windows, -1).mean(1)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n_windows, (n_boot, n_windows), generator=gen)
+    deltas = 100.0 * (torch.exp(c[idx].mean(1) - r[idx].mean(1)) - 1.0)
+    lo, hi = torch.quantile(deltas, torch.tensor([0.025, 0.975]))
+    return float(lo), float(hi)

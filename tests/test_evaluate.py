@@ -60,3 +60,23 @@ def test_default_model_against_itself(default_model):
     assert c.kl_mean == pytest.approx(0.0, abs=1e-6) and c.top1 == 1.0
     assert c.ppl == pytest.approx(evaluate.perplexity(model, w).value, rel=1e-5)
     assert 2 < c.ppl < 100  # a real language model on real English prose
+
+
+def test_precomputed_reference_gives_the_same_comparison():
+    w = data.token_windows(torch.arange(64) % 50, window=8)
+    direct = evaluate.compare(Uniform(64), Oracle(), w, batch_size=3)
+    ref = evaluate.reference_log_probs(Oracle(), w, batch_size=3)
+    cached = evaluate.compare(Uniform(64), ref, w)
+    assert cached.kl_mean == pytest.approx(direct.kl_mean) and cached.ppl == pytest.approx(direct.ppl)
+    other = data.token_windows(torch.arange(64), window=8)
+    with pytest.raises(ValueError, match="other windows"):
+        evaluate.compare(Uniform(64), ref, other)
+
+
+def test_bootstrap_interval_of_identical_models_is_zero_and_brackets_a_real_change():
+    w = data.token_windows(torch.arange(64) % 50, window=8)
+    same = evaluate.compare(Oracle(), Oracle(), w)
+    assert evaluate.bootstrap_delta_pct(same, n_windows=8) == pytest.approx((0.0, 0.0), abs=1e-6)
+    worse = evaluate.compare(Uniform(64), Oracle(), w)
+    lo, hi = evaluate.bootstrap_delta_pct(worse, n_windows=8)
+    assert lo <= worse.ppl_delta_pct <= hi
