@@ -157,19 +157,21 @@ def generate_side_by_side(
     ]
 
 
-def bootstrap_delta_pct(comparison: Comparison, n_windows: int, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95 % interval of the perplexity change (percent) by a paired bootstrap over windows.
+def bootstrap_delta_pct(comparison: Comparison, n_chunks: int = 32, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95 % interval of the perplexity change (percent) by a paired bootstrap over chunks of text.
 
-    The scored tokens are split into ``n_windows`` equal consecutive chunks (one per evaluation
-    window); each resample draws chunks with replacement and recomputes both perplexities on the
-    same chunks, so the interval reflects how much the change depends on which text was used.
+    The scored tokens are split into ``n_chunks`` equal consecutive chunks (a remainder of fewer than
+    ``n_chunks`` tokens at the end is left out); each resample draws chunks with replacement and
+    recomputes *both* perplexities on the same chunks, so the interval reflects how much the change
+    depends on which text was used, not how much the two models' perplexities vary.
     """
-    if comparison.token_nll.numel() % n_windows:
-        raise ValueError(f"{comparison.token_nll.numel()} tokens do not split into {n_windows} equal windows; use non-overlapping windows")
-    c = comparison.token_nll.view(n_windows, -1).mean(1)
-    r = comparison.token_ref_nll.view(n_windows, -1).mean(1)
+    n = comparison.token_nll.numel() // n_chunks * n_chunks
+    if n == 0:
+        raise ValueError(f"{comparison.token_nll.numel()} tokens cannot be split into {n_chunks} chunks")
+    c = comparison.token_nll[:n].view(n_chunks, -1).mean(1)
+    r = comparison.token_ref_nll[:n].view(n_chunks, -1).mean(1)
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n_windows, (n_boot, n_windows), generator=gen)
+    idx = torch.randint(0, n_chunks, (n_boot, n_chunks), generator=gen)
     deltas = 100.0 * (torch.exp(c[idx].mean(1) - r[idx].mean(1)) - 1.0)
     lo, hi = torch.quantile(deltas, torch.tensor([0.025, 0.975]))
     return float(lo), float(hi)

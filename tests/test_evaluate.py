@@ -76,7 +76,7 @@ def test_precomputed_reference_gives_the_same_comparison():
 def test_bootstrap_interval_of_identical_models_is_zero_and_brackets_a_real_change():
     w = data.token_windows(torch.arange(64) % 50, window=8)
     same = evaluate.compare(Oracle(), Oracle(), w)
-    assert evaluate.bootstrap_delta_pct(same, n_windows=8) == pytest.approx((0.0, 0.0), abs=1e-6)
+    assert evaluate.bootstrap_delta_pct(same, n_chunks=8) == pytest.approx((0.0, 0.0), abs=1e-6)
     worse = evaluate.compare(Uniform(64), Oracle(), w)
-    lo, hi = evaluate.bootstrap_delta_pct(worse, n_windows=8)
+    lo, hi = evaluate.bootstrap_delta_pct(worse, n_chunks=8)
     assert lo <= worse.ppl_delta_pct <= hi
