@@ -23,19 +23,22 @@ def _check(bits: int) -> None:
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned ``codes`` (any shape, values in 0..2**bits-1) into a flat uint8 tensor."""
+    """Pack unsigned ``codes`` (any shape, values in 0..2**bits-1) into a flat uint8 tensor.
+
+    Works on runs of 8 codes, which fill exactly ``bits`` bytes: the run becomes one integer of
+    ``8 * bits`` bits (code k at bit ``k * bits``), written out byte by byte, lowest first.
+    """
     _check(bits)
     flat = codes.reshape(-1).to(torch.int64)
     if flat.numel() and (flat.min() < 0 or flat.max() >= 2**bits):
         raise ValueError(f"codes must lie in 0..{2**bits - 1} for {bits}-bit packing, got {int(flat.min())}..{int(flat.max())}")
     if bits == 8:
         return flat.to(torch.uint8)
-    shifts = torch.arange(bits, device=flat.device)
-    stream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)
-    pad = (-stream.numel()) % 8
-    stream = torch.cat([stream, stream.new_zeros(pad)]).view(-1, 8)
-    weights = 1 << torch.arange(8, device=flat.device)
-    return (stream * weights).sum(1).to(torch.uint8)
+    n = flat.numel()
+    runs = torch.cat([flat, flat.new_zeros((-n) % 8)]).view(-1, 8)
+    word = (runs << (torch.arange(8, device=flat.device) * bits)).sum(1)  # bits never overlap: sum = OR
+    out = (word.unsqueeze(1) >> (torch.arange(bits, device=flat.device) * 8)) & 0xFF
+    return out.reshape(-1)[: packed_nbytes(n, bits)].to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
@@ -43,11 +46,13 @@ def unpack(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     _check(bits)
     if packed.numel() < packed_nbytes(n_codes, bits):
         raise ValueError(f"{packed.numel()} bytes hold fewer than {n_codes} codes of {bits} bits")
-    data = packed.reshape(-1).to(torch.int64)
+    data = packed.reshape(-1)[: packed_nbytes(n_codes, bits)]
     if bits == 8:
-        return data[:n_codes].to(torch.int16)
-    if bits == 4:  # the common case, without the bit stream
-        return torch.stack([data & 15, data >> 4], dim=1).reshape(-1)[:n_codes].to(torch.int16)
-    stream = ((data.unsqueeze(1) >> torch.arange(8, device=data.device)) & 1).reshape(-1)
-    stream = stream[: n_codes * bits].view(n_codes, bits)
-    return (stream << torch.arange(bits, device=data.device)).sum(1).to(torch.int16)
+        return data.to(torch.int16)
+    if bits == 4:  # the common case: two codes per byte, low nibble first
+        data = data.to(torch.int16)
+        return torch.stack([data & 15, data >> 4], dim=1).reshape(-1)[:n_codes]
+    data = torch.cat([data, data.new_zeros((-data.numel()) % bits)]).view(-1, bits).to(torch.int64)
+    word = (data << (torch.arange(bits, device=data.device) * 8)).sum(1)  # one run of 8 codes
+    codes = (word.unsqueeze(1) >> (torch.arange(8, device=data.device) * bits)) & (2**bits - 1)
+    return codes.reshape(-1)[:n_codes].to(torch.int16)
