@@ -148,8 +148,12 @@ class BandwidthResult:
 
 
 def default_probe_bytes(device: Any = "cpu") -> int:
-    """A probe size far larger than the caches: 256 MiB on CPU, 1 GiB on a GPU."""
-    return 2**30 if _is_cuda(device) else 256 * 2**20
+    """A probe size far larger than the caches: 1 GiB.
+
+    Large also for a second reason: on a shared machine a thread may wait a few milliseconds for a
+    busy core, and a long read makes such a wait a small part of the measured time.
+    """
+    return 2**30
 
 
 def read_probe(n_bytes: int | None = None, device: Any = "cpu") -> tuple[Callable[[], Any], int]:

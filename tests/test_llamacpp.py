@@ -95,8 +95,9 @@ def test_quantize_and_decode_speed(f16_path, tmp_path):
     mtime = q8.stat().st_mtime_ns
     assert llamacpp.quantize_gguf(f16_path, q8, "Q8_0").stat().st_mtime_ns == mtime
 
-    speed = llamacpp.decode_speed(q8, "The capital of France is", n_tokens=8, repeats=1)
-    assert speed.prompt_tokens >= 4 and speed.gen_tokens == 8 and len(speed.step_s) == 8
+    speed = llamacpp.decode_speed(q8, "The capital of France is", n_tokens=8, repeats=2)
+    assert speed.prompt_tokens >= 4 and speed.gen_tokens == 8 and len(speed.step_s) == 2 * 8
+    assert speed.step_quantile_s(0.0) == min(speed.step_s) <= speed.median_step_s <= speed.step_quantile_s(1.0)
     assert speed.gen_tokens_per_s > 1 and speed.prompt_tokens_per_s > 1
     assert speed.gen_tokens_per_s_llama > 1
     assert speed.model_bytes == summary.tensor_bytes and speed.n_params == summary.n_parameters

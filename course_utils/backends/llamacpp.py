@@ -273,12 +273,13 @@ def _gguf_summary(path: str, _size: int, _mtime_ns: int) -> GGUFSummary:
 
 @dataclass(frozen=True)
 class LlamaCppSpeed:
-    """Prompt processing and generation speed of one GGUF under llama.cpp.
+    """Prompt processing and generation speed of one GGUF under llama.cpp, over several runs.
 
     Wall-clock figures time the Python calls (``Llama.eval`` plus a greedy argmax over the
-    logits), taken from the run with the median generation time; ``*_llama`` figures are
-    llama.cpp's own counters for that run (no Python). ``model_bytes`` and ``n_params`` are what
-    llama.cpp reports for the loaded model.
+    logits): ``prompt_s`` and ``gen_s`` are medians over the timed runs, ``step_s`` holds every
+    timed single-token step of every run. ``*_llama`` figures are llama.cpp's own counters (no
+    Python) for the run with the median generation time. ``model_bytes`` and ``n_params`` are
+    what llama.cpp reports for the loaded model.
     """
 
     path: Path
@@ -299,11 +300,21 @@ class LlamaCppSpeed:
 
     @property
     def gen_tokens_per_s(self) -> float:
+        """Generated tokens per second of the median run."""
         return self.gen_tokens / self.gen_s
 
     @property
     def median_step_s(self) -> float:
         return statistics.median(self.step_s)
+
+    def step_quantile_s(self, q: float) -> float:
+        """The ``q`` quantile of single-step times (e.g. 0.1: the fastest tenth of steps).
+
+        On a shared machine other programs slow some steps down; a low quantile estimates what
+        the hardware does when left alone, the median what a user typically gets.
+        """
+        ordered = sorted(self.step_s)
+        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def default_threads() -> int:
@@ -354,15 +365,16 @@ class _Runner:
 
     def result(self, n_threads: int, n_prompt: int, n_tokens: int, skip: int) -> LlamaCppSpeed:
         timed = self.runs[skip:]
-        prompt_s, steps, t_p_ms, n_p, t_e_ms, n_e = sorted(timed, key=lambda run: sum(run[1]))[len(timed) // 2]
+        median_run = sorted(timed, key=lambda run: sum(run[1]))[len(timed) // 2]
+        _, _, t_p_ms, n_p, t_e_ms, n_e = median_run
         return LlamaCppSpeed(
             path=self.path,
             n_threads=n_threads,
             prompt_tokens=n_prompt,
             gen_tokens=n_tokens,
             prompt_s=statistics.median(run[0] for run in timed),
-            gen_s=sum(steps),
-            step_s=tuple(steps),
+            gen_s=statistics.median(sum(run[1]) for run in timed),
+            step_s=tuple(step for run in timed for step in run[1]),
             prompt_tokens_per_s_llama=n_p / (t_p_ms / 1e3) if t_p_ms > 0 else float("nan"),
             gen_tokens_per_s_llama=n_e / (t_e_ms / 1e3) if t_e_ms > 0 else float("nan"),
             model_bytes=int(self.lib.llama_model_size(self.llm.model)),
@@ -416,6 +428,6 @@ def decode_speed(
 ) -> LlamaCppSpeed:
     """Time llama.cpp on one GGUF: the prompt in one batch, then ``n_tokens`` greedy steps.
 
-    See ``decode_speeds``; the run with the median generation time is reported.
+    See ``decode_speeds``.
     """
     return decode_speeds([path], prompt, n_tokens, n_threads, repeats, n_ctx)[Path(path)]
