@@ -1,0 +1,210 @@
+"""LLM.int8 (Dettmers et al., 2022): vector-wise int8 matmul with a mixed-precision decomposition.
+
+For ``y = x @ W.T`` with activations ``x`` (tokens, in) and an ``nn.Linear`` weight ``W`` (out, in):
+
+1. *vector-wise absmax*: each row of ``x`` (one token) and each row of ``W`` (one output feature, a
+   column of ``W.T``) gets its own scale ``absmax / 127``; both become int8; the int8 x int8 products
+   are summed exactly (int32 in a real kernel, float64 here) and multiplied back by both scales;
+2. *decomposition*: input features (columns of ``x``) in which any value reaches ``threshold``
+   (6.0 by default) are taken out and multiplied in floating point; the rest go through int8.
+
+``act_granularity="tensor"`` quantizes the activations with one scale per tensor instead: the
+classic setting that an outlier feature ruins, which the lesson uses to show why (1) and (2) exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+DEFAULT_THRESHOLD = 6.0
+
+
+def check_threshold(threshold: float | None) -> None:
+    """Raise ``ValueError`` unless ``threshold`` is None (no decomposition) or a positive number."""
+    if threshold is None:
+        return
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
+        raise ValueError(
+            f"threshold must be a positive magnitude such as 6.0 (features reaching it go through the float "
+            f"path), got {threshold!r}; pass threshold=None to switch the decomposition off"
+        )
+
+
+def absmax_int8(x: torch.Tensor, granularity: str = "row") -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 of ``x`` (rows, cols): codes (rows, cols) int8 and scales (rows, 1) float32.
+
+    ``granularity``: "row" (one scale per row: vector-wise) or "tensor" (one scale for all, repeated
+    per row). ``scale = absmax / 127``; an all-zero row keeps scale 0 and codes 0.
+    """
+    if granularity not in ("row", "tensor"):
+        raise ValueError(f"granularity must be 'row' or 'tensor', got {granularity!r}")
+    x = x.float()
+    amax = x.abs().amax(dim=1, keepdim=True) if granularity == "row" else x.abs().amax().expand(x.shape[0], 1)
+    scale = amax / 127
+    codes = torch.round(x * (127 / amax.clamp(min=1e-30))).clamp(-127, 127).to(torch.int8)
+    return codes, scale.contiguous()
+
+
+def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices (int64) of the columns (input features) of ``x`` (tokens, in) with any |value| >= threshold."""
+    check_threshold(threshold)
+    return torch.nonzero((x.abs() >= threshold).any(dim=0)).flatten()
+
+
+def int8_matmul(x_codes: torch.Tensor, x_scale: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """``(x_codes @ w_codes.T) * x_scale * w_scale.T``: (tokens, in) x (out, in) -> (tokens, out) float32.
+
+    The integer products are summed exactly (float64 holds every int32 sum), as an int8 kernel would.
+    """
+    acc = x_codes.double() @ w_codes.double().T
+    return (acc * x_scale.double() * w_scale.double().T).float()
+
+
+def llm_int8_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
+                    threshold: float | None = DEFAULT_THRESHOLD, act_granularity: str = "row") -> torch.Tensor:
+    """LLM.int8 product of activations ``x`` (..., in) with an int8 weight (out, in) and its scales (out, 1).
+
+    Outlier features (see :func:`outlier_columns`) are multiplied in float with the dequantized weight
+    columns (the weight is stored in int8 only); the other features go through :func:`int8_matmul`.
+    ``threshold=None`` quantizes every feature. Returns (..., out) in ``x.dtype``.
+    """
+    check_threshold(threshold)
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, n_in).float()
+    regular = x2
+    out = None
+    if threshold is not None:
+        cols = outlier_columns(x2, threshold)
+        if cols.numel():
+            out = x2[:, cols] @ (w_codes[:, cols].float() * w_scale).T
+            regular = x2.clone()
+            regular[:, cols] = 0
+    x_codes, x_scale = absmax_int8(regular, act_granularity)
+    y = int8_matmul(x_codes, x_scale, w_codes, w_scale)
+    if out is not None:
+        y = y + out
+    return y.reshape(*lead, -1).to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` replacement: weight (out, in) stored as int8 codes + one float32 scale per row.
+
+    ``threshold`` (float or None) and ``act_granularity`` ("row" or "tensor") choose how the
+    activations are treated (see :func:`llm_int8_matmul`). ``n_outlier_calls`` counts forward calls
+    that found at least one outlier feature.
+    """
+
+    def __init__(self, linear: nn.Linear, threshold: float | None = DEFAULT_THRESHOLD, act_granularity: str = "row"):
+        super().__init__()
+        check_threshold(threshold)
+        codes, scale = absmax_int8(linear.weight.detach(), "row")
+        self.out_features, self.in_features = linear.weight.shape
+        self.threshold, self.act_granularity = threshold, act_granularity
+        self.register_buffer("weight_codes", codes)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = llm_int8_matmul(x, self.weight_codes, self.weight_scale, self.threshold, self.act_granularity)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold}, "
+                f"act_granularity={self.act_granularity}")
+
+
+def check_not_quantized(model: nn.Module) -> None:
+    """Raise ``ValueError`` if ``model`` already holds quantized layers (ours, bitsandbytes' or transformers')."""
+    from course_utils.quant.linear import QuantLinear
+    from course_utils.quant.nf4 import Linear4bitOwn
+
+    ours = [n for n, m in model.named_modules() if isinstance(m, (Int8Linear, Linear4bitOwn, QuantLinear))]
+    foreign = [n for n, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
+    if ours or foreign or getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
+        example = (ours + foreign + ["(marked quantized by transformers)"])[0]
+        raise ValueError(
+            f"this model is already quantized (e.g. {example}); quantizing it again would stack two roundings. "
+            "Start from a float copy: reload it with models.load_model or copy.deepcopy the float model first"
+        )
+
+
+def quantize_model_int8(model: nn.Module, threshold: float | None = DEFAULT_THRESHOLD, act_granularity: str = "row",
+                        skip: tuple[str, ...] = ("lm_head",)) -> int:
+    """Replace every ``nn.Linear`` (except names containing a ``skip`` entry) by :class:`Int8Linear`, in place.
+
+    Returns the number of layers replaced; refuses an already quantized model and a threshold <= 0.
+    """
+    check_threshold(threshold)
+    check_not_quantized(model)
+    modules = dict(model.named_modules())
+    targets = [n for n, m in modules.items() if type(m) is nn.Linear and not any(s in n for s in skip)]
+    if not targets:
+        raise ValueError(f"no nn.Linear layers to quantize in {type(model).__name__} (skip={skip})")
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, Int8Linear(modules[name], threshold, act_granularity))
+    return len(targets)
+
+
+# ------------------------------------------------------------------------------ measuring outliers
+
+
+@dataclass(frozen=True)
+class OutlierStats:
+    """Largest input magnitude per feature seen by Linear layers reading the hidden state.
+
+    ``absmax``: (n_inputs, hidden) float32, one row per distinct Linear input (layers sharing an input,
+    such as q/k/v, are counted once), in model order; ``names``: the first Linear reading each input.
+    """
+
+    absmax: torch.Tensor
+    names: tuple[str, ...]
+
+    def per_feature(self) -> torch.Tensor:
+        """(hidden,) largest magnitude of each feature across all layers and positions."""
+        return self.absmax.amax(dim=0)
+
+    def features_over(self, threshold: float = DEFAULT_THRESHOLD) -> torch.Tensor:
+        """Indices of features whose magnitude reaches ``threshold`` somewhere."""
+        return torch.nonzero(self.per_feature() >= threshold).flatten()
+
+    def layers_with(self, feature: int, threshold: float = DEFAULT_THRESHOLD) -> int:
+        """In how many of the measured inputs ``feature`` reaches ``threshold``."""
+        return int((self.absmax[:, feature] >= threshold).sum())
+
+
+@torch.inference_mode()
+def measure_outliers(model: nn.Module, input_ids: torch.Tensor) -> OutlierStats:
+    """Run ``model`` on ``input_ids`` (batch, seq) and record, for every Linear whose input has the
+    model's hidden width, the largest |activation| of each input feature over all positions."""
+    hidden = model.config.hidden_size
+    last: list = [None]  # the input tensor seen last: q/k/v (and gate/up) read the same tensor in a row
+    rows: list[torch.Tensor] = []
+    names: list[str] = []
+    handles = []
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0]
+            amax = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float().cpu()
+            if x is last[0]:
+                rows[-1] = torch.maximum(rows[-1], amax)
+            else:
+                last[0] = x
+                rows.append(amax)
+                names.append(name)
+        return fn
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear) and m.in_features == hidden and "lm_head" not in name:
+            handles.append(m.register_forward_pre_hook(hook(name)))
+    try:
+        model(input_ids=input_ids.to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return OutlierStats(torch.stack(rows), tuple(names))

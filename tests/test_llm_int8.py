@@ -1,0 +1,78 @@
+"""LLM.int8 from scratch: vector-wise int8, the outlier decomposition, and the outlier measurement."""
+
+import pytest
+import torch
+
+from course_utils.quant import llm_int8
+
+
+def test_absmax_int8_by_hand():
+    codes, scale = llm_int8.absmax_int8(torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]]))
+    assert codes.tolist() == [[64, -127, 32], [0, 0, 0]]  # 127 * 1 / 2 = 63.5 -> 64 (half away from... even: 64)
+    assert scale.flatten().tolist() == pytest.approx([2 / 127, 0.0])
+    codes_t, scale_t = llm_int8.absmax_int8(torch.tensor([[1.0], [4.0]]), "tensor")
+    assert scale_t.flatten().tolist() == pytest.approx([4 / 127, 4 / 127])
+    assert codes_t.flatten().tolist() == [32, 127]
+
+
+def test_outlier_columns_and_threshold_checks():
+    x = torch.zeros(3, 5)
+    x[1, 2], x[0, 4] = 6.0, -7.5
+    assert llm_int8.outlier_columns(x, 6.0).tolist() == [2, 4]
+    for bad in (0, -1.0, 0.0):
+        with pytest.raises(ValueError, match="positive"):
+            llm_int8.outlier_columns(x, bad)
+
+
+def test_decomposition_repairs_per_tensor_quantization_of_an_outlier_feature():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(16, 64)
+    x[:, 5] = 100.0  # one systematic outlier feature
+    ref = lin(x).detach()
+    err = {}
+    for name, thr, gran in (("tensor", None, "tensor"), ("tensor+split", 6.0, "tensor"), ("llm.int8", 6.0, "row")):
+        y = llm_int8.Int8Linear(lin, thr, gran)(x)
+        err[name] = float((y - ref).norm() / ref.norm())
+    assert err["tensor"] > 3 * err["tensor+split"], err
+    assert err["llm.int8"] < 0.02
+
+
+def test_int8_matmul_is_exact_on_integer_products():
+    xc = torch.full((1, 4096), 127, dtype=torch.int8)
+    wc = torch.full((1, 4096), -127, dtype=torch.int8)
+    y = llm_int8.int8_matmul(xc, torch.ones(1, 1), wc, torch.ones(1, 1))
+    assert y.item() == -127 * 127 * 4096
+
+
+def test_quantize_model_int8_and_refusals():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="threshold"):
+        llm_int8.quantize_model_int8(model, threshold=0)
+    assert llm_int8.quantize_model_int8(model) == 2
+    with pytest.raises(ValueError, match="already quantized"):
+        llm_int8.quantize_model_int8(model)
+
+
+def test_measure_outliers_on_a_tiny_model():
+    class Cfg:
+        hidden_size = 4
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = Cfg()
+            self.emb = torch.nn.Embedding(10, 4)
+            self.q, self.k = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+            self.up = torch.nn.Linear(4, 4)
+
+        def forward(self, input_ids):
+            h = self.emb(input_ids)
+            h = self.q(h) + self.k(h)
+            return self.up(h * 10)
+
+    model = Tiny()
+    stats = llm_int8.measure_outliers(model, torch.tensor([[1, 2, 3]]))
+    assert stats.absmax.shape == (2, 4)  # q and k share one input: counted once
+    assert stats.names == ("q", "up")
+    assert stats.per_feature().shape == (4,)
