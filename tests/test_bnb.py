@@ -71,3 +71,9 @@ def test_load_quantized_default_model_nf4():
     assert bnb.quantized_layer_count(model) == 7 * model.config.num_hidden_layers
     with pytest.raises(ValueError, match="already quantized"):
         llm_int8.quantize_model_int8(model)
+
+
+def test_cpu_fast_paths_reports_two_flags():
+    paths = bnb.cpu_fast_paths()
+    assert set(paths) == {"fused 4-bit gemv (AVX512-BF16)", "int8 matmul (AVX512)"}
+    assert all(isinstance(v, bool) for v in paths.values())

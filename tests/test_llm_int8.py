@@ -73,6 +73,17 @@ def test_measure_outliers_on_a_tiny_model():
 
     model = Tiny()
     stats = llm_int8.measure_outliers(model, torch.tensor([[1, 2, 3]]))
-    assert stats.absmax.shape == (2, 4)  # q and k share one input: counted once
+    assert stats.absmax.shape == (2, 4) and stats.position_share.shape == (2, 4)  # q and k share one input: counted once
     assert stats.names == ("q", "up")
     assert stats.per_feature().shape == (4,)
+
+
+def test_outlier_stats_per_layer_groups_inputs_by_layer_index():
+    stats = llm_int8.OutlierStats(torch.tensor([[1.0, 7.0], [8.0, 0.0], [2.0, 2.0]]),
+                                  ("m.layers.0.q", "m.layers.0.gate", "m.layers.1.q"),
+                                  torch.tensor([[0.0, 0.5], [0.02, 0.0], [0.0, 0.0]]))
+    assert stats.per_layer().tolist() == [[8.0, 7.0], [2.0, 2.0]]
+    assert stats.features_over(6.0).tolist() == [0, 1]
+    assert stats.layer_share().tolist() == [0.5, 0.5]
+    assert stats.mean_position_share().tolist() == pytest.approx([0.02, 0.5])
+    assert stats.systematic().tolist() == [1]  # feature 0 reaches 6 at only 2 % of positions

@@ -25,8 +25,6 @@ CUDA_ONLY = {
     "int8 tensor-core matmul": "the int8 x int8 -> int32 matmul on tensor cores (cuBLASLt); on the CPU "
                                "bitsandbytes computes the same product with a slower fallback, and "
                                "course_utils.quant.llm_int8 shows the arithmetic",
-    "fast 4-bit gemv kernels": "fused CUDA kernels that read packed 4-bit weights during the matmul; on the CPU "
-                               "bitsandbytes dequantizes the weight first (memory saved, not time)",
 }
 
 
@@ -59,6 +57,24 @@ def _import():
 def version() -> str:
     """bitsandbytes' version string."""
     return _import().__version__
+
+
+def cpu_fast_paths() -> dict[str, bool]:
+    """Which of bitsandbytes' faster CPU code paths this processor gets (they depend on its instruction set).
+
+    - "fused 4-bit gemv (AVX512-BF16)": a single-row matmul that reads the packed 4-bit weight directly,
+      computing in bfloat16 (used when generating one token at a time); otherwise the weight is
+      dequantized to float first and multiplied with an ordinary matmul;
+    - "int8 matmul (AVX512)": int8 x int8 -> int32 through ``torch._int_mm``; otherwise a float fallback.
+    """
+    cap = torch.backends.cpu.get_cpu_capability()
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+
+        bf16 = bool(has_avx512bf16())
+    except Exception:  # older or newer bitsandbytes without the helper
+        bf16 = False
+    return {"fused 4-bit gemv (AVX512-BF16)": bf16, "int8 matmul (AVX512)": cap == "AVX512"}
 
 
 def require_cuda(feature: str, device: str | None = None) -> None:
@@ -169,6 +185,29 @@ def load_quantized(setting: BnbSetting, name: str | None = None, device: str | N
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of a bitsandbytes model's parameters and buffers *plus* its quantization constants.
+
+    transformers' ``get_memory_footprint()`` counts parameters and buffers only; bitsandbytes keeps the
+    4-bit absmax (and, with double quantization, its second-level constants) in each weight's
+    ``quant_state`` and the int8 row scales in ``weight.SCB``, which it therefore leaves out.
+    """
+    from course_utils.models import model_bytes as tensor_bytes
+
+    total = tensor_bytes(model)
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        state = getattr(w, "quant_state", None)
+        if state is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+            if getattr(state, "nested", False):
+                total += state.state2.absmax.numel() * state.state2.absmax.element_size() + 4
+        scb = getattr(w, "SCB", None)
+        if scb is not None:
+            total += scb.numel() * scb.element_size()
+    return total
 
 
 def quantized_layer_count(model: nn.Module) -> int:

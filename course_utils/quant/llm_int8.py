@@ -21,6 +21,7 @@ from torch import nn
 import torch.nn.functional as F
 
 DEFAULT_THRESHOLD = 6.0
+_EXACT_CHUNK = 1024  # 1024 * 127 * 127 < 2**24: int8 dot products of this length are exact in float32
 
 
 def check_threshold(threshold: float | None) -> None:
@@ -58,9 +59,14 @@ def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
 def int8_matmul(x_codes: torch.Tensor, x_scale: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """``(x_codes @ w_codes.T) * x_scale * w_scale.T``: (tokens, in) x (out, in) -> (tokens, out) float32.
 
-    The integer products are summed exactly (float64 holds every int32 sum), as an int8 kernel would.
+    The integer products are summed exactly, as an int8 kernel would: float32 represents every integer
+    up to 2**24, and a chunk of 1,024 products of at most 127 * 127 stays below it, so each chunk is an
+    exact float32 matmul and the chunks are added in float64.
     """
-    acc = x_codes.double() @ w_codes.double().T
+    n_in = x_codes.shape[-1]
+    acc = torch.zeros(x_codes.shape[0], w_codes.shape[0], dtype=torch.float64, device=x_codes.device)
+    for k in range(0, n_in, _EXACT_CHUNK):
+        acc += (x_codes[:, k : k + _EXACT_CHUNK].float() @ w_codes[:, k : k + _EXACT_CHUNK].float().T).double()
     return (acc * x_scale.double() * w_scale.double().T).float()
 
 
@@ -155,48 +161,86 @@ def quantize_model_int8(model: nn.Module, threshold: float | None = DEFAULT_THRE
 
 @dataclass(frozen=True)
 class OutlierStats:
-    """Largest input magnitude per feature seen by Linear layers reading the hidden state.
+    """Input magnitudes per feature seen by the Linear layers reading the hidden state.
 
-    ``absmax``: (n_inputs, hidden) float32, one row per distinct Linear input (layers sharing an input,
-    such as q/k/v, are counted once), in model order; ``names``: the first Linear reading each input.
+    ``absmax``: (n_inputs, hidden) float32, the largest |value| of each feature, one row per distinct
+    Linear input (layers sharing an input, such as q/k/v, are counted once), in model order.
+    ``position_share``: (n_inputs, hidden), the fraction of positions (tokens) where the feature's
+    |value| reaches ``threshold``. ``names``: the first Linear reading each input.
     """
 
     absmax: torch.Tensor
     names: tuple[str, ...]
+    position_share: torch.Tensor
+    threshold: float = DEFAULT_THRESHOLD
 
     def per_feature(self) -> torch.Tensor:
         """(hidden,) largest magnitude of each feature across all layers and positions."""
         return self.absmax.amax(dim=0)
 
-    def features_over(self, threshold: float = DEFAULT_THRESHOLD) -> torch.Tensor:
-        """Indices of features whose magnitude reaches ``threshold`` somewhere."""
-        return torch.nonzero(self.per_feature() >= threshold).flatten()
+    def features_over(self, threshold: float | None = None) -> torch.Tensor:
+        """Indices of features whose magnitude reaches ``threshold`` (default: the measured one) somewhere."""
+        return torch.nonzero(self.per_feature() >= (threshold or self.threshold)).flatten()
 
-    def layers_with(self, feature: int, threshold: float = DEFAULT_THRESHOLD) -> int:
+    def layers_with(self, feature: int, threshold: float | None = None) -> int:
         """In how many of the measured inputs ``feature`` reaches ``threshold``."""
-        return int((self.absmax[:, feature] >= threshold).sum())
+        return int((self.absmax[:, feature] >= (threshold or self.threshold)).sum())
+
+    def _by_layer(self, values: torch.Tensor) -> torch.Tensor:
+        import re
+
+        index = [int(m.group(1)) if (m := re.search(r"\.layers\.(\d+)\.", n)) else 0 for n in self.names]
+        out = torch.zeros(max(index) + 1, values.shape[1])
+        for i, row in zip(index, values):
+            out[i] = torch.maximum(out[i], row)
+        return out
+
+    def per_layer(self) -> torch.Tensor:
+        """(n_layers, hidden): the largest magnitude of each feature over the inputs of each decoder
+        layer (names containing ``.layers.<i>.``), layers in order."""
+        return self._by_layer(self.absmax)
+
+    def layer_share(self) -> torch.Tensor:
+        """(hidden,) fraction of decoder layers in which each feature reaches the threshold."""
+        return (self._by_layer(self.absmax) >= self.threshold).float().mean(0)
+
+    def mean_position_share(self) -> torch.Tensor:
+        """(hidden,) fraction of positions at which a feature reaches the threshold, averaged over the
+        layers where it does so at all (0 for features that never do)."""
+        share = self._by_layer(self.position_share)
+        present = share > 0
+        return (share * present).sum(0) / present.sum(0).clamp(min=1)
+
+    def systematic(self, min_layer_share: float = 0.25, min_position_share: float = 0.06) -> torch.Tensor:
+        """Features that are outliers by LLM.int8's definition: reaching the threshold in at least 25 % of
+        the layers and at least 6 % of the positions."""
+        keep = (self.layer_share() >= min_layer_share) & (self.mean_position_share() >= min_position_share)
+        return torch.nonzero(keep).flatten()
 
 
 @torch.inference_mode()
-def measure_outliers(model: nn.Module, input_ids: torch.Tensor) -> OutlierStats:
+def measure_outliers(model: nn.Module, input_ids: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> OutlierStats:
     """Run ``model`` on ``input_ids`` (batch, seq) and record, for every Linear whose input has the
-    model's hidden width, the largest |activation| of each input feature over all positions."""
+    model's hidden width, each input feature's largest |activation| and the share of positions where it
+    reaches ``threshold``."""
+    check_threshold(threshold)
     hidden = model.config.hidden_size
     last: list = [None]  # the input tensor seen last: q/k/v (and gate/up) read the same tensor in a row
     rows: list[torch.Tensor] = []
+    shares: list[torch.Tensor] = []
     names: list[str] = []
     handles = []
 
     def hook(name):
         def fn(module, args):
             x = args[0]
-            amax = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float().cpu()
             if x is last[0]:
-                rows[-1] = torch.maximum(rows[-1], amax)
-            else:
-                last[0] = x
-                rows.append(amax)
-                names.append(name)
+                return
+            last[0] = x
+            flat = x.detach().abs().reshape(-1, x.shape[-1]).float()
+            rows.append(flat.amax(dim=0).cpu())
+            shares.append((flat >= threshold).float().mean(dim=0).cpu())
+            names.append(name)
         return fn
 
     for name, m in model.named_modules():
@@ -207,4 +251,5 @@ def measure_outliers(model: nn.Module, input_ids: torch.Tensor) -> OutlierStats:
     finally:
         for h in handles:
             h.remove()
-    return OutlierStats(torch.stack(rows), tuple(names))
+    last[0] = None
+    return OutlierStats(torch.stack(rows), tuple(names), torch.stack(shares), threshold)
