@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -51,6 +52,9 @@ def _import():
             f"bitsandbytes is not installed ({err}); install it with `pip install bitsandbytes==0.50.2` "
             "(the course's requirements list it), or use the from-scratch course_utils.quant.nf4 and llm_int8"
         ) from None
+    # Linear8bitLt logs "inputs will be cast ... to float16" on *every* call with float32 inputs, which
+    # floods a notebook; the lesson states the cast once in its prose instead.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     return bitsandbytes
 
 
