@@ -10,6 +10,7 @@ and calls ``F.linear``: it saves memory, not time (lesson 03 shows kernels that 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -102,8 +103,41 @@ class QuantReport:
 
 
 def linear_layers(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` in ``model`` by qualified name, except those whose name contains a ``skip`` entry."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not any(s in n for s in skip)}
+    """Every plain ``nn.Linear`` in ``model`` by qualified name (not subclasses such as bitsandbytes'
+    layers), except those whose name contains a ``skip`` entry."""
+    return {n: m for n, m in model.named_modules() if type(m) is nn.Linear and not any(s in n for s in skip)}
+
+
+def replace_linears(
+    model: nn.Module,
+    make: Callable[[nn.Linear], nn.Module],
+    skip: tuple[str, ...] = ("lm_head",),
+    only: list[str] | None = None,
+) -> dict[str, tuple[nn.Linear, nn.Module]]:
+    """Put ``make(linear)`` in place of each target Linear layer of ``model``, in place.
+
+    Targets: every plain Linear except names containing a ``skip`` entry, or exactly the names in
+    ``only`` (each must be an ``nn.Linear``). Returns ``{name: (old layer, new layer)}``; raises
+    ``ValueError`` for a non-Linear name in ``only`` or when there is nothing to replace. Every
+    from-scratch quantizer of the course converts a model through this one function.
+    """
+    modules = dict(model.named_modules())
+    if only is not None:
+        wrong = [n for n in only if not isinstance(modules.get(n), nn.Linear)]
+        if wrong:
+            raise ValueError(f"only Linear layers can be quantized; not Linear (or missing): {wrong}")
+        targets = {n: modules[n] for n in only}
+    else:
+        targets = linear_layers(model, skip)
+    if not targets:
+        raise ValueError(f"no nn.Linear layers to quantize in {type(model).__name__} (skip={skip})")
+    replaced = {}
+    for name, linear in targets.items():
+        parent, _, child = name.rpartition(".")
+        new = make(linear)
+        setattr(modules[parent] if parent else model, child, new)
+        replaced[name] = (linear, new)
+    return replaced
 
 
 def quantize_model(
@@ -115,33 +149,21 @@ def quantize_model(
     too). ``only``: exact module names to quantize (each must be an ``nn.Linear``). Returns a
     :class:`QuantReport`; raises ``ValueError`` for a module that is not Linear or a model without any.
     """
-    if isinstance(model, nn.Linear) or not any(True for _ in model.modules()):
+    if isinstance(model, nn.Linear):
         raise ValueError("quantize_model expects a model containing Linear layers; for a single layer use QuantLinear.from_linear")
-    modules = dict(model.named_modules())
-    if only is not None:
-        wrong = [n for n in only if not isinstance(modules.get(n), nn.Linear)]
-        if wrong:
-            raise ValueError(f"only Linear layers can be quantized; not Linear (or missing): {wrong}")
-        targets = {n: modules[n] for n in only}
-    else:
-        targets = linear_layers(model, skip)
-    if not targets:
-        raise ValueError(f"no nn.Linear layers to quantize in {type(model).__name__} (skip={skip})")
     before = model_bytes(model)
-    float_bytes_replaced = 0
-    theory_bits = 0.0
     start = time.perf_counter()
-    for name, linear in targets.items():
-        qlinear = QuantLinear.from_linear(linear, config)
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, qlinear)
-        float_bytes_replaced += linear.weight.numel() * linear.weight.element_size()
-        theory_bits += linear.weight.numel() * theoretical_bits_per_weight(config.bits, qlinear.group_size, config.symmetric)
+    replaced = replace_linears(model, lambda linear: QuantLinear.from_linear(linear, config), skip, only)
     seconds = time.perf_counter() - start
+    float_bytes = sum(old.weight.numel() * old.weight.element_size() for old, _ in replaced.values())
+    theory_bits = sum(
+        old.weight.numel() * theoretical_bits_per_weight(config.bits, new.group_size, config.symmetric)
+        for old, new in replaced.values()
+    )
     return QuantReport(
-        n_layers=len(targets),
+        n_layers=len(replaced),
         bytes_before=before,
         bytes_after=model_bytes(model),
-        bytes_theory=int(before - float_bytes_replaced + theory_bits / 8),
+        bytes_theory=int(before - float_bytes + theory_bits / 8),
         seconds=seconds,
     )

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from course_utils.quant.linear import replace_linears
+
 DEFAULT_THRESHOLD = 6.0
 _EXACT_CHUNK = 1024  # 1024 * 127 * 127 < 2**24: int8 dot products of this length are exact in float32
 
@@ -146,14 +148,7 @@ def quantize_model_int8(model: nn.Module, threshold: float | None = DEFAULT_THRE
     """
     check_threshold(threshold)
     check_not_quantized(model)
-    modules = dict(model.named_modules())
-    targets = [n for n, m in modules.items() if type(m) is nn.Linear and not any(s in n for s in skip)]
-    if not targets:
-        raise ValueError(f"no nn.Linear layers to quantize in {type(model).__name__} (skip={skip})")
-    for name in targets:
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, Int8Linear(modules[name], threshold, act_granularity))
-    return len(targets)
+    return len(replace_linears(model, lambda linear: Int8Linear(linear, threshold, act_granularity), skip))
 
 
 # ------------------------------------------------------------------------------ measuring outliers

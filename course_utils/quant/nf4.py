@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from course_utils.formats import NF4_LEVELS
 from course_utils.quant import packing
+from course_utils.quant.linear import replace_linears
 
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -252,12 +253,4 @@ def quantize_model_4bit(model: nn.Module, quant_type: str = "nf4", block_size: i
 
     check_not_quantized(model)
     levels(quant_type)
-    modules = dict(model.named_modules())
-    targets = [n for n, m in modules.items() if type(m) is nn.Linear and not any(s in n for s in skip)]
-    if not targets:
-        raise ValueError(f"no nn.Linear layers to quantize in {type(model).__name__} (skip={skip})")
-    for name in targets:
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child,
-                Linear4bitOwn(modules[name], quant_type, block_size, double_quant))
-    return len(targets)
+    return len(replace_linears(model, lambda linear: Linear4bitOwn(linear, quant_type, block_size, double_quant), skip))
