@@ -81,7 +81,7 @@ def check_default_model() -> Check:
         path = models.default_gguf_path()
     except models.ModelNotAvailableError as err:
         return Check("FAIL", "default model", str(err))
-    cached = (config.cache_dir() / f"smollm2-135m-instruct-{models._CACHE_VERSION}" / "model.safetensors").is_file()
+    cached = (models.default_model_cache() / "model.safetensors").is_file()
     state = "converted copy cached" if cached else "will be converted on first load (about 20 s)"
     return Check("OK", "default model", f"{path.name}, {path.stat().st_size / 1e6:.1f} MB; {state}")
 

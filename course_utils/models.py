@@ -45,9 +45,14 @@ def default_gguf_path() -> Path:
     return path
 
 
+def default_model_cache() -> Path:
+    """Where the converted default model lives (it may not exist yet: see ``default_model_dir``)."""
+    return config.cache_dir() / f"smollm2-135m-instruct-{_CACHE_VERSION}"
+
+
 def default_model_dir() -> Path:
     """Folder holding the converted default model (safetensors + tokenizer); built on first use."""
-    target = config.cache_dir() / f"smollm2-135m-instruct-{_CACHE_VERSION}"
+    target = default_model_cache()
     if (target / "model.safetensors").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
