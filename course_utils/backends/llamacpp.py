@@ -27,8 +27,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from course_utils import config
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _INSTALL_HINT = "install the course's requirements (`make setup`, or `pip install -r requirements.txt`)"
 
@@ -114,37 +118,17 @@ def export_f16_gguf(src: str | Path | None = None, dst: str | Path | None = None
     gguf = _import_gguf()
     import numpy as np
 
+    from course_utils.backends import gguf_file
+
     src = Path(src) if src is not None else _default_source()
     dst = Path(dst) if dst is not None else gguf_cache_dir() / f"{_base_stem(src)}.F16.gguf"
     if _is_fresh(dst, src) and not overwrite:
         return dst
-    reader = gguf.GGUFReader(src)
-    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
-    partial = dst.with_name(dst.name + ".partial")
-    writer = gguf.GGUFWriter(partial, arch=arch)
-    for fld in reader.fields.values():
-        if fld.name == gguf.Keys.General.ARCHITECTURE or fld.name.startswith("GGUF."):
-            continue  # the writer adds these itself
-        value_type = fld.types[0]
-        sub_type = fld.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
-        value = fld.contents()
-        if fld.name == gguf.Keys.General.FILE_TYPE:
-            value = int(gguf.LlamaFileType.MOSTLY_F16)
-        writer.add_key_value(fld.name, value, value_type, sub_type=sub_type)
-    for tensor in reader.tensors:
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        # GGUF shapes list the fastest dimension first; numpy's row-major shape is the reverse.
-        values = values.reshape([int(d) for d in reversed(tensor.shape)])
-        values = values.astype(np.float16 if values.ndim >= 2 else np.float32)
-        writer.add_tensor(tensor.name, values)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    partial.replace(dst)
-    return dst
+
+    def to_float(name: str, values: np.ndarray):
+        return values.astype(np.float16 if values.ndim >= 2 else np.float32), None
+
+    return gguf_file.rewrite(src, dst, to_float, file_type=int(gguf.LlamaFileType.MOSTLY_F16))
 
 
 # ---------------------------------------------------------------------------------------- quantize
@@ -183,30 +167,93 @@ def quantize_gguf(
     n_threads: int | None = None,
     overwrite: bool = False,
     verbose: bool = False,
+    imatrix: dict[str, "np.ndarray"] | None = None,
+    allow_requantize: bool = False,
 ) -> Path:
     """Quantize a float GGUF to llama.cpp type ``type_name`` with ``llama_model_quantize``.
 
     ``src``: a float GGUF (``None``: the course model's F16 export from ``export_f16_gguf``).
-    ``dst`` defaults to ``<cache>/gguf/<name>.<TYPE>.gguf`` and is reused when newer than ``src``.
+    ``dst`` defaults to ``<cache>/gguf/<name>.<TYPE>.gguf`` (``<name>.<TYPE>.imatrix-<hash>.gguf`` with
+    an importance matrix) and is reused when newer than ``src``.
     Tensors whose row length does not fit a type's block (e.g. 576 for K-quants, blocks of 256)
     get a fallback type chosen by llama.cpp; ``gguf_summary(dst)`` shows what each tensor got.
+    ``imatrix``: GGUF tensor name -> importance of each input column (the mean squared activation that
+    column sees, length = row length); llama.cpp then weighs each weight's rounding error by it.
+    ``allow_requantize``: accept a source that is already quantized (see lesson 09 for why not to).
     """
     llama_cpp = _import_llama_cpp()
     src = Path(src) if src is not None else export_f16_gguf()
-    dst = Path(dst) if dst is not None else gguf_cache_dir() / f"{_base_stem(src)}.{type_name.upper()}.gguf"
+    if dst is None:
+        tag = f".imatrix-{_imatrix_hash(imatrix)}" if imatrix else ""
+        dst = gguf_cache_dir() / f"{_base_stem(src)}.{type_name.upper()}{tag}.gguf"
+    dst = Path(dst)
     if _is_fresh(dst, src) and not overwrite:
         return dst
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_ftype(type_name)
     params.nthread = n_threads or 0
+    params.allow_requantize = allow_requantize
+    keep_alive = None
+    if imatrix:
+        keep_alive = _imatrix_entries(llama_cpp, imatrix)
+        params.imatrix = keep_alive[0]
     partial = dst.with_name(dst.name + ".partial")
     with _quiet_llama_log(verbose):
         code = llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), params)
     if code != 0 or not partial.is_file():
         partial.unlink(missing_ok=True)
         raise RuntimeError(f"llama.cpp could not quantize {src} to {type_name} (return code {code}); rerun with verbose=True")
+    del keep_alive
     partial.replace(dst)
     return dst
+
+
+_GGUF_LINEAR_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """llama.cpp's tensor name for a Llama-style transformers Linear: ``model.layers.3.mlp.up_proj``
+    -> ``blk.3.ffn_up.weight``. ``ValueError`` for a layer llama.cpp names differently."""
+    match = re.fullmatch(r"(?:model\.)?layers\.(\d+)\.(.+)", hf_name)
+    if not match or match.group(2) not in _GGUF_LINEAR_NAMES:
+        raise ValueError(f"no llama.cpp tensor name known for {hf_name!r} (Llama-style decoder Linears only)")
+    return f"blk.{match.group(1)}.{_GGUF_LINEAR_NAMES[match.group(2)]}.weight"
+
+
+def _imatrix_hash(imatrix: dict[str, "np.ndarray"]) -> str:
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for name in sorted(imatrix):
+        h.update(name.encode() + np.ascontiguousarray(imatrix[name], dtype=np.float32).tobytes())
+    return h.hexdigest()[:8]
+
+
+def _imatrix_entries(llama_cpp, imatrix: dict[str, "np.ndarray"]):
+    """A C array of ``llama_model_imatrix_data`` (name, float*, size), ended by an empty entry.
+
+    Returns the array and the objects that own its memory; keep them alive during the call.
+    """
+    import ctypes
+
+    import numpy as np
+
+    arrays = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in imatrix.items()}
+    names = {name: ctypes.c_char_p(name.encode()) for name in arrays}
+    entries = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()
+    for i, (name, values) in enumerate(arrays.items()):
+        entries[i].name = names[name].value
+        entries[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[i].size = values.size
+    entries[len(arrays)].name = None
+    entries[len(arrays)].size = 0
+    return ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), (entries, arrays, names)
 
 
 # ----------------------------------------------------------------------------------------- summary
@@ -431,3 +478,111 @@ def decode_speed(
     See ``decode_speeds``.
     """
     return decode_speeds([path], prompt, n_tokens, n_threads, repeats, n_ctx)[Path(path)]
+
+
+# ------------------------------------------------------------------------------------ logits
+
+
+class LlamaCppLogits:
+    """A GGUF run by llama.cpp that answers like a transformers model: ``model(input_ids=ids).logits``.
+
+    So :func:`course_utils.evaluate.perplexity` and :func:`course_utils.evaluate.compare` score a
+    llama.cpp model on exactly the same token windows as a PyTorch one. Each row of ``input_ids`` is
+    evaluated from an empty context in one batch (``n_ctx`` must hold a row). Use as a context
+    manager, or call ``close()``, to free the model.
+    """
+
+    def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int | None = None):
+        llama_cpp = _import_llama_cpp()
+        self.path = Path(path)
+        self.n_ctx = n_ctx
+        n_threads = n_threads or default_threads()
+        with _quiet_llama_log(False):
+            self.llm = llama_cpp.Llama(
+                model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
+                n_threads_batch=n_threads, logits_all=True, verbose=False,
+            )
+
+    def __call__(self, input_ids):
+        import types
+
+        import numpy as np
+        import torch
+
+        ids = torch.as_tensor(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.shape[1] > self.n_ctx:
+            raise ValueError(f"rows of {ids.shape[1]} tokens do not fit n_ctx={self.n_ctx}; open the model with a larger n_ctx")
+        rows = []
+        for row in ids.tolist():
+            self.llm.reset()
+            self.llm.eval(row)
+            rows.append(torch.from_numpy(np.array(self.llm.scores[: len(row)], dtype=np.float32)))
+        return types.SimpleNamespace(logits=torch.stack(rows))
+
+    def close(self) -> None:
+        with _quiet_llama_log(False):
+            self.llm.close()
+
+    def __enter__(self) -> "LlamaCppLogits":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------- type ladder
+
+
+@dataclass(frozen=True)
+class TypeResult:
+    """One llama.cpp type on the course model: file, quality against the F16 file, speed.
+
+    ``comparison`` is against the F16 GGUF's own logits on the same windows (so F16 scores KL 0);
+    ``quantize_s`` is 0 for the F16 file itself and close to 0 for a file reused from the cache.
+    """
+
+    type_name: str
+    path: Path
+    summary: GGUFSummary
+    comparison: object  # course_utils.evaluate.Comparison
+    quantize_s: float
+    speed: LlamaCppSpeed | None
+
+
+def type_ladder(
+    type_names: list[str],
+    windows,
+    prompt: str | None = None,
+    src: str | Path | None = None,
+    n_tokens: int = 32,
+    repeats: int = 2,
+    imatrix: dict[str, "np.ndarray"] | None = None,
+    progress: bool = False,
+) -> list[TypeResult]:
+    """Quantize ``src`` (a float GGUF; default: the course model's F16 export) to each type, then score
+    every file on ``windows`` against the F16 logits and, with a ``prompt``, time prompt processing and
+    generation (all files take turns, see :func:`decode_speeds`). The first row is F16 itself.
+    """
+    from course_utils import evaluate
+
+    src = Path(src) if src is not None else export_f16_gguf()
+    paths, seconds = {"F16": src}, {"F16": 0.0}
+    for name in type_names:
+        start = time.perf_counter()
+        paths[name] = quantize_gguf(src, type_name=name, imatrix=imatrix)
+        seconds[name] = time.perf_counter() - start
+    with LlamaCppLogits(src, n_ctx=windows.window) as f16:
+        reference = evaluate.reference_log_probs(f16, windows)
+    comparisons = {}
+    for name, path in paths.items():
+        if progress:
+            print(f"scoring {name} ...", flush=True)
+        with LlamaCppLogits(path, n_ctx=windows.window) as model:
+            comparisons[name] = evaluate.compare(model, reference, windows)
+    speeds = decode_speeds(list(paths.values()), prompt, n_tokens=n_tokens, repeats=repeats) if prompt else {}
+    return [
+        TypeResult(name, path, gguf_summary(path), comparisons[name], seconds[name], speeds.get(path))
+        for name, path in paths.items()
+    ]
