@@ -112,3 +112,101 @@ def test_summary_of_the_shipped_model():
     # tied embeddings: no output.weight, so the embedding matrix is read in full every token
     assert summary.bytes_per_token == summary.tensor_bytes
     assert 5.0 < summary.bits_per_weight < 6.5
+
+
+# ------------------------------------------------------------------------- anatomy, rewrite, logits
+
+
+def test_anatomy_of_the_shipped_model():
+    from course_utils.backends import gguf_file
+    from course_utils.models import default_gguf_path
+
+    a = gguf_file.anatomy(default_gguf_path())
+    assert a.magic == b"GGUF" and a.version == 3
+    assert a.n_tensors == len(a.tensors) == 272 and a.n_kv == len(a.metadata)
+    assert a.metadata["general.architecture"] == "llama" and a.metadata["llama.block_count"] == 30
+    assert a.data_offset % a.alignment == 0
+    assert all((t.offset - a.data_offset) % a.alignment == 0 for t in a.tensors)
+    last = max(a.tensors, key=lambda t: t.offset)
+    assert last.offset + last.n_bytes <= a.file_bytes
+    q = a.tensor("blk.0.attn_q.weight")
+    assert q.type_name == "Q4_1" and q.shape == (576, 576) and q.bits_per_weight == 5.0
+
+
+def test_truncated_and_foreign_files_are_named(tmp_path):
+    from course_utils.backends import gguf_file
+    from course_utils.models import default_gguf_path
+
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(default_gguf_path().read_bytes()[:5_000_000])
+    with pytest.raises(gguf_file.GGUFFormatError, match="cut.gguf"):
+        gguf_file.anatomy(truncated)
+    header_only = tmp_path / "header.gguf"
+    header_only.write_bytes(default_gguf_path().read_bytes()[:100])
+    with pytest.raises(gguf_file.GGUFFormatError, match="header.gguf"):
+        gguf_file.read(header_only)
+    foreign = tmp_path / "model.safetensors"
+    foreign.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(gguf_file.GGUFFormatError, match="not a GGUF file"):
+        gguf_file.read(foreign)
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        gguf_file.read(tmp_path / "missing.gguf")
+
+
+def test_gguf_tensor_names():
+    assert llamacpp.gguf_tensor_name("model.layers.3.mlp.up_proj") == "blk.3.ffn_up.weight"
+    assert llamacpp.gguf_tensor_name("model.layers.12.self_attn.o_proj") == "blk.12.attn_output.weight"
+    with pytest.raises(ValueError, match="lm_head"):
+        llamacpp.gguf_tensor_name("lm_head")
+
+
+@pytest.mark.slow
+def test_own_quantizer_writes_a_gguf_llama_cpp_runs(f16_path, tmp_path, default_model):
+    pytest.importorskip("llama_cpp")
+    from course_utils import data, evaluate
+    from course_utils.backends import gguf_file
+    from course_utils.quant import gguf_blocks
+
+    def to_q8(name, values):
+        if values.ndim == 2:
+            return gguf_blocks.quantize(values, "Q8_0", name), gguf.GGMLQuantizationType.Q8_0
+        return values, None
+
+    ours = gguf_file.rewrite(f16_path, tmp_path / "own.Q8_0.gguf", to_q8, file_type=7)
+    theirs = llamacpp.quantize_gguf(f16_path, tmp_path / "model.Q8_0.gguf", "Q8_0")
+    # llama.cpp's quantizer and ours write the same bytes for every tensor (llama.cpp reorders them)
+    theirs_by_name = {t.name: t for t in gguf_file.read(theirs).tensors}
+    ours_tensors = gguf_file.read(ours).tensors
+    assert {t.name for t in ours_tensors} == set(theirs_by_name)
+    for a in ours_tensors:
+        b = theirs_by_name[a.name]
+        assert a.tensor_type == b.tensor_type, a.name
+        np.testing.assert_array_equal(np.array(a.data), np.array(b.data))
+
+    _, tokenizer = default_model
+    windows = data.evaluation_windows(tokenizer, max_windows=1)
+    float_ppl = evaluate.perplexity(default_model[0], windows).value
+    with llamacpp.LlamaCppLogits(f16_path) as f16:
+        assert evaluate.perplexity(f16, windows).value == pytest.approx(float_ppl, rel=0.005)
+    with llamacpp.LlamaCppLogits(ours) as q8:
+        logits = q8(windows.input_ids[:1, :8]).logits
+        assert logits.shape == (1, 8, q8.llm.n_vocab())
+
+
+@pytest.mark.slow
+def test_importance_matrix_and_requantize_are_passed_on(f16_path, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from course_utils.backends import gguf_file
+
+    rng = np.random.default_rng(0)
+    imatrix = {f"blk.{i}.attn_q.weight": rng.uniform(0.01, 10, 576) for i in range(30)}
+    plain = llamacpp.quantize_gguf(f16_path, tmp_path / "plain.Q4_0.gguf", "Q4_0")
+    weighted = llamacpp.quantize_gguf(f16_path, tmp_path / "weighted.Q4_0.gguf", "Q4_0", imatrix=imatrix)
+    type_a, a = gguf_file.tensor_bytes(plain, "blk.5.attn_q.weight")
+    type_b, b = gguf_file.tensor_bytes(weighted, "blk.5.attn_q.weight")
+    assert type_a == type_b == "Q4_0" and a.shape == b.shape and not np.array_equal(a, b)
+    # an already quantized source is refused unless allow_requantize is set
+    with pytest.raises(RuntimeError, match="could not quantize"):
+        llamacpp.quantize_gguf(plain, tmp_path / "again.Q5_0.gguf", "Q5_0")
+    again = llamacpp.quantize_gguf(plain, tmp_path / "again.Q5_0.gguf", "Q5_0", allow_requantize=True)
+    assert llamacpp.gguf_summary(again).tensor_types.get("Q5_0", 0) >= 200

@@ -24,7 +24,7 @@ The "K-quants" use super-blocks of 256 weights split into sub-blocks whose own s
 The legacy quantizers here reproduce llama.cpp's reference quantizers bit for bit (including the
 order of float32 operations and the rounding rules; the tests compare with ``gguf.quants``). For the
 K-quants, dequantization is exact; the quantizers are the plain version of the idea (one min/max or
-absmax pass, then the sub-block scales rounded to their bit width), while llama.cpp searches each
+absmax pass, then the sub-block scales rounded up to their bit width), while llama.cpp searches each
 sub-block's scale and min to lower the error. Comparing the two errors is part of lesson 09.
 """
 
@@ -256,7 +256,7 @@ def _quantize_q4_k(b: np.ndarray) -> np.ndarray:
     dmin = -lo.min(axis=-1, keepdims=True) / 63
     # round the block constants to f16 first: the codes must be chosen for the stored values
     d, dmin = d.astype(np.float16).astype(np.float32), dmin.astype(np.float16).astype(np.float32)
-    sc = np.clip(round_away(scale * _inverse(d)), 0, 63)
+    sc = np.clip(np.ceil(scale * _inverse(d)), 0, 63)  # rounded up: the block's extremes still fit
     mn = np.clip(round_away(-lo * _inverse(dmin)), 0, 63)
     step = (d * sc)[..., None]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -292,12 +292,13 @@ def _quantize_q6_k(b: np.ndarray) -> np.ndarray:
     scale = _signed_absmax(sub.reshape(-1, 16)).reshape(-1, 16) / -32
     d = np.abs(scale).max(axis=-1, keepdims=True) / 127
     d = d.astype(np.float16).astype(np.float32)
-    sc = np.clip(round_away(scale * _inverse(d)), -127, 127)
+    sc = np.clip(np.sign(scale) * np.ceil(np.abs(scale) * _inverse(d)), -127, 127)  # up: extremes fit
     step = (d * sc)[..., None]
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.where(step != 0, round_away(sub / step), 0)
     q = (np.clip(q, -32, 31) + 32).astype(np.uint8).reshape(-1, 2, 4, 32)  # (n, half, quarter, 32)
-    ql = np.concatenate([q[:, :, 0] | (q[:, :, 2] << 4), q[:, :, 1] | (q[:, :, 3] << 4)], axis=-1)
+    low = q & 0x0F
+    ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=-1)
     qh = sum(((q[:, :, k] >> 4) & 3) << (2 * k) for k in range(4)).astype(np.uint8)
     return np.concatenate(
         [ql.reshape(-1, 128), qh.reshape(-1, 64), sc.astype(np.int8).view(np.uint8), _f16_bytes(d)], axis=-1
