@@ -234,3 +234,31 @@ def test_gptq_beats_rtn_on_a_real_layer(default_model):
     result = gptq.gptq_quantize_weight(linear.weight, h.matrix, 4, 64)
     w = linear.weight.detach()
     assert output_error(w, result.quantized.dequantize(), x) < 0.8 * output_error(w, rtn.fake_quantize(w, 4, 64), x)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_on_cuda_matches_cpu(act_order, symmetric):
+    h = hessian_of(correlated_inputs())
+    cpu = gptq.gptq_quantize_weight(W, h, 4, 64, symmetric, act_order)
+    gpu = gptq.gptq_quantize_weight(W.cuda(), h.cuda(), 4, 64, symmetric, act_order)
+    assert gpu.quantized.codes.is_cuda
+    assert (gpu.quantized.codes.cpu() != cpu.quantized.codes).float().mean() < 0.01  # float sums differ a little
+    assert gpu.loss == pytest.approx(cpu.loss, rel=0.02)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gptq_quantizes_a_tiny_llama_on_cuda():
+    model = tiny_llama().cuda()
+    calibration = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+    report = gptq.gptq_quantize_model(model, calibration, gptq.GPTQConfig(4, 32), progress=False)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == report.n_layers == 14 and all(m.packed.is_cuda for m in layers)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=calibration.cuda()).logits).all()
