@@ -227,13 +227,18 @@ def test_gptq_beats_rtn_on_a_real_layer(default_model):
     inputs = gptq._layer_inputs(model, layer, calibration, batch_size=4)
     linear = layer.mlp.down_proj
     h = gptq._hessians(layer, [linear], inputs)[0]
+    seen = []
+    handle = linear.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     with torch.no_grad():
-        x = layer.post_attention_layernorm(inputs[0][0])
-        x = (layer.mlp.act_fn(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x)).reshape(-1, linear.in_features)
+        for hidden, kwargs in inputs:
+            gptq._run_layer(layer, hidden, kwargs)
+    handle.remove()
+    x = torch.cat(seen).reshape(-1, linear.in_features)
     torch.testing.assert_close(h.matrix, hessian_of(x), rtol=1e-3, atol=1e-3)
     result = gptq.gptq_quantize_weight(linear.weight, h.matrix, 4, 64)
     w = linear.weight.detach()
-    assert output_error(w, result.quantized.dequantize(), x) < 0.8 * output_error(w, rtn.fake_quantize(w, 4, 64), x)
+    ratio = output_error(w, result.quantized.dequantize(), x) / output_error(w, rtn.fake_quantize(w, 4, 64), x)
+    assert ratio < 0.5  # about 0.26 on layer 3's down_proj
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
