@@ -147,8 +147,8 @@ def _float16_scales(scales: torch.Tensor) -> torch.Tensor:
 
 
 def _grid(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales (out, in // group_size, float16 values) and zero points (float, or None) that round-to-nearest
-    gives ``w`` (out, in) with groups of ``group_size`` columns."""
+    """Scales (out, in // group_size), rounded to float16 values, and zero points (float, or None) that
+    round-to-nearest gives ``w`` (out, in) with groups of ``group_size`` columns."""
     q = rtn.quantize(w, bits, group_size, symmetric)
     return _float16_scales(q.scales), None if q.zeros is None else q.zeros.float()
 
@@ -164,8 +164,9 @@ def _round_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (float64) and the ``damp`` used.
 
-    Row ``j`` of ``U`` divided by ``U_jj`` is the row of the inverse Hessian of columns ``j..in-1``
-    that GPTQ needs when it quantizes column ``j``. If a factorisation fails, ``damp`` is raised
+    Row ``j`` of ``U`` holds what GPTQ needs when it quantizes column ``j``: with ``F`` the columns
+    ``j..in-1`` not yet quantized, ``U_jk / U_jj = [H_F^-1]_jk / [H_F^-1]_jj`` (how much of column
+    ``j``'s error column ``k`` takes) and ``U_jj**2 = [H_F^-1]_jj``. If a factorisation fails, ``damp`` is raised
     tenfold (from 1e-6 when it was 0) with a warning; an ``H`` that still fails is not a Hessian
     (``ValueError``).
     """
@@ -262,6 +263,7 @@ def gptq_quantize_weight(
             col = order[b0 + i]
             group = col // g
             if not act_order and col % g == 0:  # 6. a new group: its grid from the current weights
+                # inside this block, or (a group wider than the block starts with it) fully updated in W
                 current = W1[:, i : i + g] if i + g <= b1 - b0 else W[:, b0 : b0 + g]
                 s, z = _grid(current, bits, g, symmetric)
                 scales[:, group] = s[:, 0]
