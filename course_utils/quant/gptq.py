@@ -1,0 +1,497 @@
+"""GPTQ (Frantar et al., 2022): quantize a weight column by column and let the remaining columns absorb
+each rounding error, weighted by how the layer's inputs correlate.
+
+For a Linear with weight ``W`` (out, in) and calibration inputs ``X`` (n tokens, in), GPTQ looks for
+codes whose dequantized weight ``Q`` keeps the *outputs* close: it minimises ``||(W - Q) X^T||^2``.
+That error only depends on the inputs through the Hessian ``H = 2 X^T X / n`` (in, in):
+``||(W - Q) X^T||^2 / n = 1/2 tr((W - Q) H (W - Q)^T)``, the ``loss`` reported here. Each row of
+``W`` is an independent problem with the same ``H``, so all rows are handled at once:
+
+1. *dead features*: an input feature that is always 0 in the calibration data has ``H_ii = 0``; its
+   weights cannot matter to the loss, so they are set to 0 and ``H_ii`` to 1 (a warning says so:
+   those features may be active on other text);
+2. *dampening*: ``lambda = damp * mean(diag H)`` is added to the diagonal so that ``H`` can be inverted
+   (``damp = 0.01`` by default). If the Cholesky factorisation still fails, ``damp`` is raised tenfold
+   until it succeeds, with a warning: the result never holds a NaN;
+3. *inverse Hessian*: GPTQ needs, for each column ``j``, the inverse Hessian of the columns not yet
+   quantized. All of them are rows of ``U``, the upper Cholesky factor of ``H^-1``;
+4. *the loop*: column ``j`` is rounded to the grid, ``q_j``; its error ``e = (w_j - q_j) / U_jj`` is
+   spread over the columns to its right: ``w_k -= e * U_jk`` for ``k > j``. Those columns then round
+   with the error already compensated (error feedback);
+5. *lazy batches*: the update of step 4 is applied at once only inside a block of ``block_size``
+   columns; the columns to the right of the block get the block's accumulated errors in one matrix
+   product ``W[:, right] -= E @ U[block, right]`` (same result, far fewer memory passes);
+6. *groups*: with ``group_size`` columns per group, a group's scale (and zero point) is computed when
+   its first column comes up, from the *current* weights of the group (already updated by the errors
+   of the previous columns). Blocks are aligned with groups (:func:`aligned_block_size`) so that this
+   current weight is always at hand.
+
+*Act-order* (``act_order=True``) quantizes the columns by decreasing ``H_jj`` (the inputs with the
+most energy first), while the columns that are left can still absorb errors. Here it uses *static
+groups*: groups stay contiguous in the original column order and their scales are computed from the
+(dead-feature-cleaned) ``W`` before the loop, so that a column's group is simply ``column //
+group_size`` whatever the order. The result therefore stores exactly like round-to-nearest
+(:class:`~course_utils.quant.rtn.QuantizedTensor`, held by :class:`~course_utils.quant.linear.QuantLinear`),
+and ``g_idx`` is ``arange(in) // group_size``. (The other variant, a column's group being its position
+in the permuted order, needs a ``g_idx`` gather at every dequantization; GPTQModel calls our choice
+``static_groups`` and the exllama/Marlin kernels prefer it.) :func:`dequantize` is the general,
+``g_idx``-based dequantization, for checking.
+
+Scales are rounded to float16 as soon as they are computed, because ``QuantLinear`` stores them in
+float16: the error feedback then works with exactly the weights the quantized model computes with.
+
+:func:`gptq_quantize_model` runs this on every Linear of a decoder-only model, layer by layer: the
+inputs of each decoder layer come from the already quantized layers before it, and inside a layer
+(*true sequential*) each group of Linears reading the same input (q/k/v, then o, then gate/up, then
+down) is quantized before the next group's inputs are recorded.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from course_utils.quant import rtn
+from course_utils.quant.linear import QuantLinear, replace_linears
+from course_utils.quant.llm_int8 import check_not_quantized
+
+MAX_DAMP_INCREASES = 8  # damp x 10**8 at most: far more than a positive semi-definite H ever needs
+
+
+# ------------------------------------------------------------------------------ the Hessian
+
+
+class Hessian:
+    """Running estimate of ``H = 2 X^T X / n`` (in, in) from batches of a Linear's inputs ``X``.
+
+    Each :meth:`add` takes a batch (..., in) of any number of tokens and keeps ``H`` the mean over all
+    ``n_tokens`` seen so far (float32). :meth:`attach` records the inputs of a Linear through a
+    forward pre-hook.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None):
+        self.matrix = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.n_tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Fold a batch of inputs (..., in) into the running mean."""
+        x = x.detach().reshape(-1, self.matrix.shape[0]).to(self.matrix.device, torch.float32)
+        total = self.n_tokens + x.shape[0]
+        # H_new = n/total * H_old + 2/total * x^T x
+        self.matrix.addmm_(x.T, x, beta=self.n_tokens / total, alpha=2.0 / total)
+        self.n_tokens = total
+
+    def attach(self, linear: nn.Module) -> torch.utils.hooks.RemovableHandle:
+        """Add every input ``linear`` receives from now on; call ``.remove()`` on the handle to stop."""
+        return linear.register_forward_pre_hook(lambda module, args: self.add(args[0]))
+
+
+# ------------------------------------------------------------------------------ one weight matrix
+
+
+@dataclass(frozen=True)
+class GPTQResult:
+    """What :func:`gptq_quantize_weight` chose for one weight matrix.
+
+    ``quantized``: codes, scales and zero points (a ``QuantizedTensor``: ``QuantLinear(quantized,
+    bias)`` holds it). ``g_idx``: (in,) the group of each input column. ``perm``: (in,) the order in
+    which the columns were quantized (``arange`` without act-order). ``damp``: the relative dampening
+    actually used. ``loss``: ``1/2 tr((W - Q) H (W - Q)^T)`` with the given ``H``, i.e. the mean over the
+    calibration tokens of the squared output error ``||(W - Q) x||^2``. ``dead``: input features with
+    ``H_ii = 0`` (their weights were set to 0).
+    """
+
+    quantized: rtn.QuantizedTensor
+    g_idx: torch.Tensor
+    perm: torch.Tensor
+    damp: float
+    loss: float
+    dead: int
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (out, in) the quantized layer computes with."""
+        q = self.quantized
+        return dequantize(q.codes, q.scales, q.zeros, self.g_idx)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, g_idx: torch.Tensor) -> torch.Tensor:
+    """Float32 weight (out, in) from codes (out, in), scales and zeros (out, n_groups) and ``g_idx`` (in,):
+    column ``j`` uses group ``g_idx[j]``. Works for any grouping, contiguous or not."""
+    q = codes.float()
+    if zeros is not None:
+        q = q - zeros.float()[:, g_idx]
+    return q * scales.float()[:, g_idx]
+
+
+def aligned_block_size(block_size: int, group_size: int) -> int:
+    """The lazy-batch block actually used: a multiple of ``group_size`` (groups lie inside one block) or,
+    for groups wider than ``block_size``, a divisor of it (each group starts where a block starts).
+
+    Either way, when a group starts, its current weights are in the block's working copy or fully
+    updated in ``W``. E.g. ``(128, 64) -> 128``, ``(128, 48) -> 96``, ``(128, 576) -> 96``.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be a positive number of columns, got {block_size!r}")
+    if group_size <= block_size:
+        return block_size // group_size * group_size
+    return max(d for d in range(1, block_size + 1) if group_size % d == 0)
+
+
+def _float16_scales(scales: torch.Tensor) -> torch.Tensor:
+    """``scales`` rounded to the nearest float16 (what ``QuantLinear`` stores), kept positive."""
+    return scales.to(torch.float16).float().clamp(min=2.0**-24, max=65504.0)
+
+
+def _grid(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (out, in // group_size), rounded to float16 values, and zero points (float, or None) that
+    round-to-nearest gives ``w`` (out, in) with groups of ``group_size`` columns."""
+    q = rtn.quantize(w, bits, group_size, symmetric)
+    return _float16_scales(q.scales), None if q.zeros is None else q.zeros.float()
+
+
+def _round_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Codes (out,) float of one column ``w`` on the grid ``scale`` / ``zero``, as in :func:`rtn.quantize`."""
+    if zero is None:
+        qmax = 2 ** (bits - 1) - 1
+        return torch.round(w / scale).clamp(-qmax, qmax)
+    return (torch.round(w / scale) + zero).clamp(0, 2**bits - 1)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (float64) and the ``damp`` used.
+
+    Row ``j`` of ``U`` holds what GPTQ needs when it quantizes column ``j``: with ``F`` the columns
+    ``j..in-1`` not yet quantized, ``U_jk / U_jj = [H_F^-1]_jk / [H_F^-1]_jj`` (how much of column
+    ``j``'s error column ``k`` takes) and ``U_jj**2 = [H_F^-1]_jj``. If a factorisation fails, ``damp`` is raised
+    tenfold (from 1e-6 when it was 0) with a warning; an ``H`` that still fails is not a Hessian
+    (``ValueError``).
+    """
+    h = hessian.double()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean_diag = float(h.diagonal().mean())
+    tried = damp
+    for _ in range(MAX_DAMP_INCREASES + 1):
+        lower, info = torch.linalg.cholesky_ex(h + tried * mean_diag * eye)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0 and torch.isfinite(upper).all():
+                if tried != damp:
+                    warnings.warn(
+                        f"Cholesky factorisation failed with damp={damp:g}; used damp={tried:g} "
+                        f"(lambda = {tried * mean_diag:.3g}, relative to mean(diag H) = {mean_diag:.3g})",
+                        stacklevel=3,
+                    )
+                return upper, tried
+        tried = tried * 10 if tried > 0 else 1e-6
+    raise ValueError(
+        f"the Hessian could not be factorised even with damp={tried / 10:g}: it is not positive "
+        "semi-definite (a Hessian 2 X^T X / n always is; check how it was built)"
+    )
+
+
+def gptq_quantize_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int = 4,
+    group_size: int | str = 64,
+    symmetric: bool = True,
+    act_order: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+) -> GPTQResult:
+    """GPTQ codes for ``weight`` (out, in) given the Hessian (in, in) of its inputs (see the module docstring).
+
+    ``group_size``: columns per group (must divide ``in``) or "channel" (one group per row).
+    ``symmetric``: absmax grid (codes in ``[-(2**(b-1)-1), 2**(b-1)-1]``) or zero-point grid (``0..2**b-1``),
+    as :func:`rtn.quantize`. ``act_order``: quantize columns by decreasing ``H_jj``, with static groups.
+    ``damp``: dampening relative to ``mean(diag H)``. ``block_size``: columns per lazy batch.
+    """
+    rtn.check_bits(bits)
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight (out_features, in_features), got shape {tuple(weight.shape)}")
+    out, cols = weight.shape
+    if group_size == "tensor":
+        raise ValueError("GPTQ quantizes per group or per channel ('channel'), not with one scale per tensor")
+    g = rtn.resolve_group_size(group_size, cols)
+    if tuple(hessian.shape) != (cols, cols):
+        raise ValueError(f"the Hessian must be (in, in) = ({cols}, {cols}) for this weight, got {tuple(hessian.shape)}")
+    if not (torch.isfinite(weight).all() and torch.isfinite(hessian).all()):
+        raise ValueError("weight and Hessian must hold finite values only")
+    if not damp >= 0:
+        raise ValueError(f"damp must be >= 0 (a fraction of mean(diag H), 0.01 is usual), got {damp!r}")
+    block_size = aligned_block_size(block_size, g)
+
+    W = weight.detach().float().clone()
+    H = hessian.detach().to(W.device, torch.float64).clone()
+
+    # 1. dead input features: never active in the calibration data
+    dead = H.diagonal() == 0
+    if dead.any():
+        warnings.warn(
+            f"{int(dead.sum())} input feature(s) are 0 on every calibration token; their weights are set "
+            "to 0 (more or other calibration text may activate them)",
+            stacklevel=2,
+        )
+        H[dead, dead] = 1.0
+        W[:, dead] = 0.0
+
+    # act-order: highest-energy inputs first; static groups: every scale computed now, from W
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else torch.arange(cols, device=W.device)
+    n_groups = cols // g
+    scales = torch.zeros(out, n_groups, device=W.device)
+    zeros = None if symmetric else torch.zeros(out, n_groups, device=W.device)
+    if act_order:
+        scales, zeros = _grid(W, bits, g, symmetric)
+        W, H = W[:, perm], H[perm][:, perm]
+
+    # 2.-3. dampening and the Cholesky factor of the inverse Hessian
+    U, damp_used = inverse_hessian_factor(H, damp)
+    U = U.float()
+
+    codes = torch.zeros(out, cols, dtype=torch.int16, device=W.device)
+    order = perm.tolist()  # order[p]: the original column quantized at position p
+    for b0 in range(0, cols, block_size):  # 5. lazy batches
+        b1 = min(b0 + block_size, cols)
+        W1 = W[:, b0:b1].clone()  # working copy of the block, updated column by column
+        E1 = torch.zeros_like(W1)  # scaled errors of the block's columns
+        U1 = U[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = order[b0 + i]
+            group = col // g
+            if not act_order and col % g == 0:  # 6. a new group: its grid from the current weights
+                # inside this block, or (a group wider than the block starts with it) fully updated in W
+                current = W1[:, i : i + g] if i + g <= b1 - b0 else W[:, b0 : b0 + g]
+                s, z = _grid(current, bits, g, symmetric)
+                scales[:, group] = s[:, 0]
+                if zeros is not None:
+                    zeros[:, group] = z[:, 0]
+            s, z = scales[:, group], None if zeros is None else zeros[:, group]
+            # 4. round the column, then spread its error over the columns to its right
+            q = _round_column(W1[:, i], s, z, bits)
+            codes[:, col] = q.to(torch.int16)
+            w_hat = q * s if z is None else (q - z) * s
+            err = (W1[:, i] - w_hat) / U1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        W[:, b1:] -= E1 @ U[b0:b1, b1:]
+
+    quantized = rtn.QuantizedTensor(
+        codes, scales.contiguous(), None if zeros is None else zeros.to(torch.int16).contiguous(), bits, g, symmetric
+    )
+    delta = weight.detach().float() - quantized.dequantize()
+    loss = 0.5 * float(((delta @ hessian.to(delta.device, torch.float32)) * delta).sum())
+    g_idx = torch.arange(cols, device=W.device) // g
+    return GPTQResult(quantized, g_idx, perm, damp_used, loss, int(dead.sum()))
+
+
+# ------------------------------------------------------------------------------ a whole model
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """How GPTQ quantizes each Linear: ``bits`` (2-8), ``group_size`` (int or "channel"), ``symmetric``
+    (absmax) or zero-point, ``act_order`` (static groups), ``damp`` (relative dampening),
+    ``block_size`` (lazy-batch columns), ``true_sequential`` (record each group of Linears' inputs after
+    the previous groups of the same decoder layer are quantized)."""
+
+    bits: int = 4
+    group_size: int | str = 64
+    symmetric: bool = True
+    act_order: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    true_sequential: bool = True
+
+    def label(self) -> str:
+        """Short name such as ``gptq int4 g64 sym act-order``."""
+        g = self.group_size if isinstance(self.group_size, str) else f"g{self.group_size}"
+        return f"gptq int{self.bits} {g} {'sym' if self.symmetric else 'asym'}{' act-order' if self.act_order else ''}"
+
+
+@dataclass(frozen=True)
+class GPTQReport:
+    """What :func:`gptq_quantize_model` did: ``losses`` and ``damp`` (used) per Linear name, Linears
+    replaced, calibration tokens, seconds, and ``notes`` (raised dampening, dead input features)."""
+
+    config: GPTQConfig
+    n_layers: int
+    n_tokens: int
+    seconds: float
+    losses: dict[str, float]
+    damp: dict[str, float]
+    notes: tuple[str, ...]
+
+
+class _StopForward(Exception):
+    """Raised by a hook once it has what it needs, to skip the rest of a forward pass."""
+
+
+def _stop(module: nn.Module, args) -> None:
+    raise _StopForward
+
+
+def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ValueError(
+            f"gptq_quantize_model expects a decoder-only model whose blocks are model.model.layers "
+            f"(Llama, Mistral, Qwen, SmolLM...); {type(model).__name__} has none"
+        )
+    return "model.layers", layers
+
+
+def _layer_inputs(model: nn.Module, layer: nn.Module, calibration: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
+    """Run ``model`` on ``calibration`` in sub-batches, stopping at ``layer``: its (hidden state, keyword
+    arguments) per sub-batch (the keyword arguments carry rotary embeddings, mask and positions)."""
+    device = next(model.parameters()).device
+    captured = []
+
+    def grab(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, kwargs))
+        raise _StopForward
+
+    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for ids in calibration.split(batch_size):
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def linear_groups(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> list[list[str]]:
+    """Names of the Linears of ``layer`` (relative to it) in the order they run, grouped by shared input.
+
+    Linears called one after the other on the very same tensor (q/k/v, gate/up) form a group: for a
+    Llama layer ``[[q, k, v], [o], [gate, up], [down]]``. Found by running the layer once on ``hidden``.
+    """
+    names = {m: n for n, m in layer.named_modules() if type(m) is nn.Linear}
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [m.register_forward_pre_hook(lambda m, args: calls.append((names[m], args[0]))) for m in names]
+    try:
+        _run_layer(layer, hidden, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    for k, (name, x) in enumerate(calls):
+        if k and x is calls[k - 1][1]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    missing = set(names.values()) - {n for n, _ in calls}
+    if missing:
+        raise ValueError(f"these Linear layers never ran in a forward pass, GPTQ cannot see their inputs: {sorted(missing)}")
+    return groups
+
+
+def _hessians(layer: nn.Module, readers: list[nn.Module], inputs: list[tuple[torch.Tensor, dict]]) -> list[Hessian]:
+    """Hessians of the inputs of ``readers`` (in the order they run), over all calibration sub-batches;
+    each forward pass stops at the last reader."""
+    hessians = [Hessian(m.in_features, m.weight.device) for m in readers]
+    handles = [h.attach(m) for h, m in zip(hessians, readers)] + [readers[-1].register_forward_pre_hook(_stop)]
+    try:
+        for hidden, kwargs in inputs:
+            try:
+                _run_layer(layer, hidden, kwargs)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return hessians
+
+
+def _check_calibration(calibration: torch.Tensor, widest: int) -> None:
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.is_floating_point():
+        raise ValueError("calibration must be a (n_samples, seq_len) tensor of token ids, e.g. data.calibration_batches(tokenizer)")
+    if calibration.numel() < widest:
+        raise ValueError(
+            f"calibration holds {calibration.numel()} tokens ({calibration.shape[0]} x {calibration.shape[1]}), fewer than "
+            f"the widest Linear input ({widest} features): the Hessian would be singular. Use more, e.g. 32 x 512 "
+            "(data.calibration_batches(tokenizer, 32, 512))"
+        )
+
+
+@torch.no_grad()
+def gptq_quantize_model(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    config: GPTQConfig = GPTQConfig(),
+    progress: bool = True,
+    batch_size: int = 8,
+) -> GPTQReport:
+    """Quantize every Linear of the decoder layers of ``model`` with GPTQ, in place, layer by layer.
+
+    ``calibration``: (n_samples, seq_len) token ids (:func:`course_utils.data.calibration_batches`),
+    run through the model in sub-batches of ``batch_size`` samples. Each decoder layer sees the outputs
+    of the already quantized layers before it; after quantization it runs once more, quantized, to
+    produce the next layer's inputs. Embeddings, norms and the output head stay in float. Works on the
+    model's device. Returns a :class:`GPTQReport`; warns about raised dampening and dead features.
+    """
+    from tqdm.auto import tqdm
+
+    check_not_quantized(model)
+    prefix, layers = _decoder_layers(model)
+    rtn.check_bits(config.bits)
+    if config.group_size == "tensor":
+        raise ValueError("GPTQ quantizes per group or per channel ('channel'), not with one scale per tensor")
+    linears = [m for m in layers.modules() if type(m) is nn.Linear]
+    for m in linears:  # refuse a group size that does not fit before spending minutes on calibration
+        rtn.resolve_group_size(config.group_size, m.in_features)
+    _check_calibration(calibration, max(m.in_features for m in linears))
+
+    start = time.perf_counter()
+    inputs = _layer_inputs(model, layers[0], calibration, batch_size)
+    groups = linear_groups(layers[0], *inputs[0])
+    # true sequential: one group at a time, each recorded after the previous ones are quantized
+    stages = [[group] for group in groups] if config.true_sequential else [groups]
+    losses, damps, notes = {}, {}, []
+    for index, layer in enumerate(tqdm(layers, desc=config.label(), disable=not progress)):
+        modules = dict(layer.named_modules())
+        for stage in stages:
+            hessians = _hessians(layer, [modules[group[0]] for group in stage], inputs)
+            results = {}
+            for group, hessian in zip(stage, hessians):
+                for name in group:
+                    linear = modules[name]
+                    result = gptq_quantize_weight(
+                        linear.weight, hessian.matrix, config.bits, config.group_size, config.symmetric,
+                        config.act_order, config.damp, config.block_size,
+                    )
+                    results[linear] = result
+                    full = f"{prefix}.{index}.{name}"
+                    losses[full], damps[full] = result.loss, result.damp
+                    if result.damp != config.damp:
+                        notes.append(f"{full}: damping raised from {config.damp:g} to {result.damp:g}")
+                    if result.dead:
+                        notes.append(f"{full}: {result.dead} dead input feature(s), weights set to 0")
+            replace_linears(
+                layer,
+                lambda lin: QuantLinear(results[lin].quantized, lin.bias, dtype=lin.weight.dtype),
+                only=[name for group in stage for name in group],
+            )
+        inputs = [(_run_layer(layer, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
+    return GPTQReport(
+        config=config,
+        n_layers=len(losses),
+        n_tokens=calibration.numel(),
+        seconds=time.perf_counter() - start,
+        losses=losses,
+        damp=damps,
+        notes=tuple(notes),
+    )
