@@ -128,6 +128,19 @@ def test_writer_lays_out_a_gptq_checkpoint(tmp_path):
         assert layer.qweight.dtype == torch.int32 and layer.g_idx.dtype == torch.int32
 
 
+def test_a_checkpoint_loads_back_into_the_course_quantlinear_with_identical_logits(tmp_path):
+    model = _tiny_llama()
+    quantize_model(model, RTNConfig(bits=4, group_size=32, symmetric=False))
+    out = gf.save_gptq_checkpoint(model, None, tmp_path / "ckpt")
+    fresh = _tiny_llama()  # same seed: same float tensors outside the quantized layers
+    assert gf.load_into_model(fresh, out) == 14
+    ids = torch.arange(40).view(2, 20)
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        gf.load_into_model(fresh, out)  # its layers are QuantLinear now
+
+
 def test_writer_refuses_mixed_settings_and_models_without_quantlinear(tmp_path):
     model = _tiny_llama()
     with pytest.raises(ValueError, match="no QuantLinear"):

@@ -58,6 +58,21 @@ class BackendUnavailableError(ImportError):
     """GPTQModel (or optimum, which transformers needs to load GPTQ checkpoints) is missing or broken."""
 
 
+@contextlib.contextmanager
+def _quiet_import():
+    """Silence an import and put back the Hugging Face cache variables that tokenicer sets when unset."""
+    before = {k: os.environ.get(k) for k in _REDIRECTED_ENV}
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _import():
     """Import gptqmodel quietly, leaving the Hugging Face cache variables as they were."""
     if (os.cpu_count() or 1) < 3:
@@ -67,24 +82,18 @@ def _import():
     venv_bin = str(Path(sys.executable).parent)
     if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
-    before = {k: os.environ.get(k) for k in _REDIRECTED_ENV}
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with _quiet_import():
             import gptqmodel
     except Exception as err:  # ImportError, or a dependency failing at import time
         raise BackendUnavailableError(f"GPTQModel could not be imported ({type(err).__name__}: {err}); {_INSTALL_HINT}") from None
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return gptqmodel
 
 
 def _import_optimum():
     try:
-        import optimum.gptq  # noqa: F401
+        with _quiet_import():  # optimum.gptq imports gptqmodel when it is installed
+            import optimum.gptq  # noqa: F401
     except Exception as err:
         raise BackendUnavailableError(
             f"optimum could not be imported ({type(err).__name__}: {err}); transformers needs it to load GPTQ "

