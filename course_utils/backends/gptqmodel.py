@@ -1,0 +1,335 @@
+"""Thin adapter to GPTQModel (the maintained GPTQ library, successor of AutoGPTQ) and to transformers' GPTQ loader.
+
+- ``quantize``: GPTQ-quantize a float checkpoint folder with ``GPTQModel.load(path, QuantizeConfig(...))``,
+  ``model.quantize(calibration)`` and ``model.save(out_dir)``. The result is cached: a folder whose
+  recorded settings (and calibration fingerprint, source model and library version) match is reused.
+- ``load_quantized``: load a GPTQ checkpoint (GPTQModel's, or one written by
+  :mod:`course_utils.quant.gptq_format`) back through ``transformers.AutoModelForCausalLM``, which
+  hands GPTQ checkpoints to optimum and GPTQModel's layer kernels.
+- ``kernels``: which GPTQModel layer classes (kernels) a loaded model uses.
+
+What to know on a CPU-only machine (measured with GPTQModel 7.7.0, transformers 5.24, torch 2.13):
+
+- GPTQModel is imported only when a function needs it. Importing it prints a banner, and its
+  dependency ``tokenicer`` points ``HF_HOME`` (and the hub caches) at ``/tmp/tokenicer_hf_home``
+  when unset; this adapter puts those variables back as they were.
+- GPTQModel sizes its CPU thread pool from the core count; on 2 cores its loader asks for more workers
+  than the pool has and fails, so the adapter sets ``GPTQMODEL_CPU_WORKERS=2`` when it is unset.
+- Its first quantization compiles a small C++ packing extension, and the first load of a 4-bit
+  checkpoint compiles the CPU int4 kernel (about two minutes on 2 cores), both cached in
+  ``~/.cache/gptqmodel``.
+- transformers keeps ``dtype`` as asked: with float32 activations the GPTQ layers dequantize their
+  weight and multiply in float32 (like the course's own QuantLinear); with bfloat16 activations on a
+  CPU with AVX512-BF16 they run GPTQModel's fused int4 kernel (``TorchCpuAvx512Linear``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from course_utils import config
+
+GPTQMODEL_VERSION = "7.7.0"
+CACHE_RECORD = "course_gptqmodel.json"  # written beside GPTQModel's files: the settings that made them
+_INSTALL_HINT = (
+    "install the course's requirements (`make setup`), or by hand: "
+    "`pip install --no-deps gptqmodel==7.7.0` plus `pip install -c <(echo torch==2.13.0) optimum==2.3.0 "
+    "device-smi==0.5.7 protobuf==7.36.2 pypcre==0.6.4 tokenicer==0.0.14 logbar==0.4.15 threadpoolctl==3.8.0 "
+    "defuser==0.0.28` (without --no-deps, pip replaces the CPU torch with a multi-GB CUDA build)"
+)
+# Environment variables that importing GPTQModel (through tokenicer) sets when they are unset.
+_REDIRECTED_ENV = ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE", "TORCHINDUCTOR_CACHE_DIR")
+
+
+class BackendUnavailableError(ImportError):
+    """GPTQModel (or optimum, which transformers needs to load GPTQ checkpoints) is missing or broken."""
+
+
+@contextlib.contextmanager
+def _quiet_import():
+    """Silence an import and put back the Hugging Face cache variables that tokenicer sets when unset."""
+    before = {k: os.environ.get(k) for k in _REDIRECTED_ENV}
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _import():
+    """Import gptqmodel quietly, leaving the Hugging Face cache variables as they were."""
+    if (os.cpu_count() or 1) < 3:
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    # GPTQModel compiles its CPU extensions with torch's cpp_extension, which runs `ninja` from PATH: use the
+    # one pip installed beside this interpreter when the notebook's PATH does not include the venv.
+    venv_bin = str(Path(sys.executable).parent)
+    if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
+        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+    try:
+        with _quiet_import():
+            import gptqmodel
+    except Exception as err:  # ImportError, or a dependency failing at import time
+        raise BackendUnavailableError(f"GPTQModel could not be imported ({type(err).__name__}: {err}); {_INSTALL_HINT}") from None
+    return gptqmodel
+
+
+def _import_optimum():
+    try:
+        with _quiet_import():  # optimum.gptq imports gptqmodel when it is installed
+            import optimum.gptq  # noqa: F401
+    except Exception as err:
+        raise BackendUnavailableError(
+            f"optimum could not be imported ({type(err).__name__}: {err}); transformers needs it to load GPTQ "
+            f"checkpoints; {_INSTALL_HINT}"
+        ) from None
+
+
+def available() -> dict[str, str | None]:
+    """What can run here: ``{"gptqmodel": None or why not, "optimum": None or why not}``.
+
+    Quantizing needs gptqmodel; loading a GPTQ checkpoint through transformers needs both.
+    """
+    status: dict[str, str | None] = {}
+    for name, importer in (("gptqmodel", _import), ("optimum", _import_optimum)):
+        try:
+            importer()
+            status[name] = None
+        except BackendUnavailableError as err:
+            status[name] = str(err)
+    return status
+
+
+def version() -> str:
+    """GPTQModel's version string."""
+    return _import().__version__
+
+
+# ------------------------------------------------------------------------------------ quantizing
+
+
+def _calibration_rows(calibration) -> tuple[list, str]:
+    """Calibration samples in a form GPTQModel takes, and a fingerprint of their content.
+
+    Accepts a 2-D tensor (n_samples, seq_len) of token ids (``data.calibration_batches``), a list of
+    1-D token-id tensors or lists, or a list of texts (GPTQModel tokenizes them with the model's tokenizer).
+    """
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2:
+            raise ValueError(f"a calibration tensor must be (n_samples, seq_len), got shape {tuple(calibration.shape)}")
+        calibration = list(calibration)
+    calibration = list(calibration)
+    if not calibration:
+        raise ValueError("calibration is empty: pass token-id rows (data.calibration_batches) or texts")
+    h = hashlib.sha256()
+    if all(isinstance(c, str) for c in calibration):
+        for text in calibration:
+            h.update(text.encode() + b"\0")
+        return calibration, "text:" + h.hexdigest()[:16]
+    rows = []
+    for c in calibration:
+        ids = torch.as_tensor(c, dtype=torch.long).flatten()
+        if ids.numel() == 0:
+            raise ValueError("a calibration sample holds no tokens")
+        h.update(ids.numpy().tobytes() + b"|")
+        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return rows, "ids:" + h.hexdigest()[:16]
+
+
+def _source_fingerprint(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("config.json")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def settings_record(model_dir, bits, group_size, act_order, sym, damp, calibration_fingerprint,
+                    act_group_aware=False, dtype=torch.float32) -> dict:
+    """The settings that identify one quantization (what the cache compares)."""
+    model_dir = Path(model_dir).resolve()
+    return {
+        "source": str(model_dir),
+        "source_fingerprint": _source_fingerprint(model_dir),
+        "bits": bits, "group_size": group_size, "desc_act": bool(act_order), "sym": bool(sym),
+        "damp_percent": float(damp), "act_group_aware": bool(act_group_aware),
+        "dtype": str(dtype).removeprefix("torch."), "calibration": calibration_fingerprint,
+        "gptqmodel": GPTQMODEL_VERSION,
+    }
+
+
+def default_out_dir(record: dict) -> Path:
+    """``<cache>/gptq/gptqmodel-int4-g64-sym-<hash>``: one folder per distinct settings record."""
+    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
+    flags = ("-actorder" if record["desc_act"] else "") + ("-gar" if record["act_group_aware"] else "")
+    name = f"gptqmodel-int{record['bits']}-g{record['group_size']}-{'sym' if record['sym'] else 'asym'}{flags}-{key}"
+    return config.cache_dir() / "gptq" / name
+
+
+def cached_record(out_dir: str | Path) -> dict | None:
+    """What ``quantize`` recorded in ``out_dir`` (settings, seconds, threads), or None."""
+    f = Path(out_dir) / CACHE_RECORD
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def _log_summary(text: str, tail: int = 20) -> str:
+    """GPTQModel's log without its progress bars: the INFO/WARN/ERROR lines and the last few lines."""
+    lines = [line.rstrip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    keep = [line[:300] for line in lines
+            if line.startswith(("INFO", "WARN", "ERROR")) and not line[4:].lstrip().startswith(("|", "+"))]  # no tables
+    return "\n".join(keep + ["--- last lines ---"] + [line[:300] for line in lines[-tail:]]) + "\n"
+
+
+def quantize(
+    model_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    bits: int = 4,
+    group_size: int = 64,
+    act_order: bool = False,
+    sym: bool = True,
+    damp: float = 0.01,
+    calibration=None,
+    device: str = "cpu",
+    act_group_aware: bool = False,
+    dtype: torch.dtype = torch.float32,
+    quiet: bool = True,
+    overwrite: bool = False,
+) -> tuple[Path, float]:
+    """GPTQ-quantize the float checkpoint in ``model_dir`` with GPTQModel; returns ``(out_dir, seconds)``.
+
+    ``model_dir``: a float safetensors folder; default the course's model (``models.default_model_dir()``).
+    ``out_dir``: default a folder named after the settings under ``<cache>/gptq``.
+    ``act_order``: GPTQ's ``desc_act`` (quantize columns by decreasing Hessian diagonal).
+    ``act_group_aware``: GPTQModel's own "GAR" reordering inside static groups. GPTQModel switches it on
+    by default; the course switches it off so that the run is the classic GPTQ algorithm.
+    ``damp``: ``damp_percent``, the fraction of the mean Hessian diagonal added to it (GPTQModel's default
+    is 0.05; the GPTQ paper's 0.01 is the course's default). ``dtype``: the precision GPTQModel loads the
+    float model in (float32 = the course's reference; GPTQModel's own CPU default is bfloat16).
+    ``calibration``: token-id rows (``data.calibration_batches(tokenizer, 32, 512)``) or texts.
+
+    If ``out_dir`` already holds a checkpoint made with the same settings, calibration and source, it is
+    reused (``seconds`` is then the time recorded when it was made). ``seconds`` covers GPTQModel's load,
+    quantization and save, including the one-time compile of its packing extension on a fresh machine.
+    ``quiet`` keeps GPTQModel's progress bars and logs out of the notebook (they are kept in
+    ``quantize.log`` in ``out_dir``).
+    """
+    from course_utils import models
+
+    if calibration is None:
+        raise ValueError("GPTQ needs calibration data: pass calibration=data.calibration_batches(tokenizer, 32, 512)")
+    model_dir = Path(model_dir) if model_dir is not None else models.default_model_dir()
+    rows, fingerprint = _calibration_rows(calibration)
+    record = settings_record(model_dir, bits, group_size, act_order, sym, damp, fingerprint, act_group_aware, dtype)
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir(record)
+    previous = cached_record(out_dir)
+    if not overwrite and previous is not None and previous.get("settings") == record and (out_dir / "config.json").is_file():
+        return out_dir, float(previous["seconds"])
+
+    gptqmodel = _import()
+    device = config.device(device)
+    qconfig = gptqmodel.QuantizeConfig(
+        bits=bits, group_size=group_size, desc_act=bool(act_order), sym=bool(sym), damp_percent=float(damp),
+        act_group_aware=bool(act_group_aware), offload_to_disk=False,
+    )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".partial-"))
+    log = io.StringIO()
+    try:
+        with contextlib.ExitStack() as stack:
+            if quiet:
+                stack.enter_context(contextlib.redirect_stdout(log))
+                stack.enter_context(contextlib.redirect_stderr(log))
+            start = time.perf_counter()
+            model = gptqmodel.GPTQModel.load(str(model_dir), qconfig, device=device, dtype=dtype)
+            model.quantize(rows, batch_size=1)
+            model.save(str(tmp))
+            seconds = time.perf_counter() - start
+        del model
+        (tmp / "quantize.log").write_text(_log_summary(log.getvalue()))
+        (tmp / CACHE_RECORD).write_text(json.dumps({
+            "settings": record, "seconds": round(seconds, 2), "torch_threads": torch.get_num_threads(),
+            "gptqmodel_cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS"), "device": device,
+            "n_samples": len(rows),
+        }, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except Exception as err:
+        tail = "\n".join(log.getvalue().strip().splitlines()[-15:])
+        raise RuntimeError(f"GPTQModel failed to quantize {model_dir}: {type(err).__name__}: {err}"
+                           + (f"\nlast lines of its log:\n{tail}" if tail else "")) from err
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir, seconds
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def load_quantized(path: str | Path, device: str | None = None, dtype: torch.dtype = torch.float32,
+                   backend: str = "auto", quiet: bool = True):
+    """Load a GPTQ checkpoint folder through ``transformers.AutoModelForCausalLM``: returns ``(model, tokenizer)``.
+
+    transformers reads ``quantization_config`` from config.json and lets optimum replace each Linear by
+    a GPTQModel layer (see :func:`kernels`). ``backend``: "auto" lets GPTQModel pick the fastest kernel for
+    the device (on a CPU with AVX512-BF16, ``TorchCpuAvx512Linear``, compiled on the first load, about
+    two minutes); "gptq_torch" is GPTQModel's plain-PyTorch layer (no compilation). With ``dtype``
+    float32 (the default) the layers dequantize their weight and multiply in float32; with bfloat16 the
+    AVX512 kernel runs its fused int4 matmul. ``tokenizer`` is None when the folder holds none.
+    """
+    _import()
+    _import_optimum()
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
+    from transformers.utils import logging as hf_logging
+
+    from course_utils.quant.gptq_format import read_quantization_config
+
+    hf_logging.disable_progress_bar()
+    path, device = Path(path), config.device(device)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (no config.json)")
+    kwargs = {}
+    if backend != "auto":  # a loading option: transformers merges it into the checkpoint's own config
+        kwargs["quantization_config"] = GPTQConfig(bits=int(read_quantization_config(path)["bits"]), backend=backend)
+    with contextlib.ExitStack() as stack:
+        if quiet:
+            stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", message=".*already has a `quantization_config`")  # the backend override
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}, use_safetensors=True, **kwargs)
+    model.eval()
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def kernels(model: torch.nn.Module) -> dict[str, int]:
+    """GPTQModel layer classes in ``model`` and how many of each, e.g. ``{"TorchCpuAvx512Linear": 210}``."""
+    return dict(Counter(type(m).__name__ for m in model.modules()
+                        if type(m).__module__.startswith("gptqmodel.nn_modules.qlinear")))
