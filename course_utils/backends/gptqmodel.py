@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from course_utils import config
+from course_utils.backends import BackendUnavailableError, import_status
 
 GPTQMODEL_VERSION = "7.7.0"
 CACHE_RECORD = "course_gptqmodel.json"  # written beside GPTQModel's files: the settings that made them
@@ -52,10 +53,6 @@ _INSTALL_HINT = (
 )
 # Environment variables that importing GPTQModel (through tokenicer) sets when they are unset.
 _REDIRECTED_ENV = ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE", "TORCHINDUCTOR_CACHE_DIR")
-
-
-class BackendUnavailableError(ImportError):
-    """GPTQModel (or optimum, which transformers needs to load GPTQ checkpoints) is missing or broken."""
 
 
 @contextlib.contextmanager
@@ -106,14 +103,7 @@ def available() -> dict[str, str | None]:
 
     Quantizing needs gptqmodel; loading a GPTQ checkpoint through transformers needs both.
     """
-    status: dict[str, str | None] = {}
-    for name, importer in (("gptqmodel", _import), ("optimum", _import_optimum)):
-        try:
-            importer()
-            status[name] = None
-        except BackendUnavailableError as err:
-            status[name] = str(err)
-    return status
+    return import_status({"gptqmodel": _import, "optimum": _import_optimum})
 
 
 def version() -> str:

@@ -30,15 +30,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from course_utils import config
+from course_utils.backends import BackendUnavailableError, import_status
 
 if TYPE_CHECKING:
     import numpy as np
 
 _INSTALL_HINT = "install the course's requirements (`make setup`, or `pip install -r requirements.txt`)"
-
-
-class BackendUnavailableError(ImportError):
-    """A library this adapter needs is not installed; the message says what to install."""
 
 
 def _import_gguf():
@@ -67,14 +64,7 @@ def _import_llama_cpp():
 
 def available() -> dict[str, str | None]:
     """Which of the two libraries can be used: name -> None when importable, else the reason."""
-    status: dict[str, str | None] = {}
-    for name, importer in (("gguf", _import_gguf), ("llama_cpp", _import_llama_cpp)):
-        try:
-            importer()
-            status[name] = None
-        except BackendUnavailableError as err:
-            status[name] = str(err)
-    return status
+    return import_status({"gguf": _import_gguf, "llama_cpp": _import_llama_cpp})
 
 
 def gguf_cache_dir() -> Path:
