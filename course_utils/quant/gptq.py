@@ -48,6 +48,7 @@ down) is quantized before the next group's inputs are recorded.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass
@@ -193,6 +194,55 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01) -> tuple[t
     )
 
 
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device):
+    """Run on one CPU thread: GPTQ's column loop is thousands of small operations, and with several
+    threads their synchronisation costs more than the work (tens of times more when another program
+    shares the cores). GPU work is unaffected."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _column_loop(
+    W: torch.Tensor, U: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+    order: list[int], g: int, bits: int, act_order: bool, symmetric: bool, block_size: int,
+) -> None:
+    """Steps 4-6 of the module docstring, in place: fill ``codes`` (and, without act-order, ``scales`` and
+    ``zeros``) column by column in ``order``, spreading each error through ``U``; ``W`` is consumed."""
+    cols = W.shape[1]
+    for b0 in range(0, cols, block_size):  # 5. lazy batches
+        b1 = min(b0 + block_size, cols)
+        W1 = W[:, b0:b1].clone()  # working copy of the block, updated column by column
+        E1 = torch.zeros_like(W1)  # scaled errors of the block's columns
+        U1 = U[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = order[b0 + i]
+            group = col // g
+            if not act_order and col % g == 0:  # 6. a new group: its grid from the current weights
+                # inside this block, or (a group wider than the block starts with it) fully updated in W
+                current = W1[:, i : i + g] if i + g <= b1 - b0 else W[:, b0 : b0 + g]
+                s, z = _grid(current, bits, g, symmetric)
+                scales[:, group] = s[:, 0]
+                if zeros is not None:
+                    zeros[:, group] = z[:, 0]
+            s, z = scales[:, group], None if zeros is None else zeros[:, group]
+            # 4. round the column, then spread its error over the columns to its right
+            q = _round_column(W1[:, i], s, z, bits)
+            codes[:, col] = q.to(torch.int16)
+            w_hat = q * s if z is None else (q - z) * s
+            err = (W1[:, i] - w_hat) / U1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        W[:, b1:] -= E1 @ U[b0:b1, b1:]
+
+
 def gptq_quantize_weight(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -224,7 +274,16 @@ def gptq_quantize_weight(
     if not damp >= 0:
         raise ValueError(f"damp must be >= 0 (a fraction of mean(diag H), 0.01 is usual), got {damp!r}")
     block_size = aligned_block_size(block_size, g)
+    with _one_cpu_thread(weight.device):
+        return _gptq(weight, hessian, bits, g, symmetric, act_order, damp, block_size)
 
+
+def _gptq(
+    weight: torch.Tensor, hessian: torch.Tensor, bits: int, g: int, symmetric: bool, act_order: bool,
+    damp: float, block_size: int,
+) -> GPTQResult:
+    """The body of :func:`gptq_quantize_weight`, after its checks (``g``: resolved group size)."""
+    out, cols = weight.shape
     W = weight.detach().float().clone()
     H = hessian.detach().to(W.device, torch.float64).clone()
 
@@ -254,30 +313,7 @@ def gptq_quantize_weight(
 
     codes = torch.zeros(out, cols, dtype=torch.int16, device=W.device)
     order = perm.tolist()  # order[p]: the original column quantized at position p
-    for b0 in range(0, cols, block_size):  # 5. lazy batches
-        b1 = min(b0 + block_size, cols)
-        W1 = W[:, b0:b1].clone()  # working copy of the block, updated column by column
-        E1 = torch.zeros_like(W1)  # scaled errors of the block's columns
-        U1 = U[b0:b1, b0:b1]
-        for i in range(b1 - b0):
-            col = order[b0 + i]
-            group = col // g
-            if not act_order and col % g == 0:  # 6. a new group: its grid from the current weights
-                # inside this block, or (a group wider than the block starts with it) fully updated in W
-                current = W1[:, i : i + g] if i + g <= b1 - b0 else W[:, b0 : b0 + g]
-                s, z = _grid(current, bits, g, symmetric)
-                scales[:, group] = s[:, 0]
-                if zeros is not None:
-                    zeros[:, group] = z[:, 0]
-            s, z = scales[:, group], None if zeros is None else zeros[:, group]
-            # 4. round the column, then spread its error over the columns to its right
-            q = _round_column(W1[:, i], s, z, bits)
-            codes[:, col] = q.to(torch.int16)
-            w_hat = q * s if z is None else (q - z) * s
-            err = (W1[:, i] - w_hat) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            E1[:, i] = err
-        W[:, b1:] -= E1 @ U[b0:b1, b1:]
+    _column_loop(W, U, codes, scales, zeros, order, g, bits, act_order, symmetric, block_size)
 
     quantized = rtn.QuantizedTensor(
         codes, scales.contiguous(), None if zeros is None else zeros.to(torch.int16).contiguous(), bits, g, symmetric
