@@ -293,7 +293,7 @@ def _gptq(
         warnings.warn(
             f"{int(dead.sum())} input feature(s) are 0 on every calibration token; their weights are set "
             "to 0 (more or other calibration text may activate them)",
-            stacklevel=2,
+            stacklevel=3,
         )
         H[dead, dead] = 1.0
         W[:, dead] = 0.0
