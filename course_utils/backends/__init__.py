@@ -11,4 +11,8 @@ without raising.
 - ``gptqmodel``: GPTQ quantization with GPTQModel (cached per setting) and loading GPTQ checkpoints
   through transformers.
 - ``autogptq``: AutoGPTQ is end-of-life and not installed; why it is skipped and its API in GPTQModel's names.
+- ``llmcompressor``: AWQ with llm-compressor (cached per setting; runs on a CPU with one narrow patch) and
+  loading its compressed-tensors checkpoints through transformers.
+- ``autoawq``: AutoAWQ is deprecated and not installed; why it is skipped and its API in llm-compressor's names.
+- ``common``: what the adapters share (calibration rows, the settings-keyed checkpoint cache, import probes).
 """
