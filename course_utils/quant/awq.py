@@ -480,9 +480,13 @@ def awq_quantize_model(
     _random_fold(trial, f"{prefix}.0", torch.Generator().manual_seed(0))
     _fold_check(trial, probe[0], run_layer(layers[0], *probe[0]), f"{prefix}.0")
     del trial
-    alphas, errors, ratios, clipped = {}, {}, {}, {}
-    cfg = config  # short name for the loop
-    for index, layer in enumerate(tqdm(layers, desc=cfg.label(), disable=not progress)):
+    alphas, errors, ratios, clipped, notes = {}, {}, {}, {}, []
+    if "o" in config.groups:
+        expand = _attention_expand(layers[0], f"{prefix}.0")
+        shared = expand.numel() // (int(expand.max()) + 1)
+        if shared > 1:
+            notes.append(f"grouped-query attention: each o_proj scale is shared by the {shared} heads that read one value head")
+    for index, layer in enumerate(tqdm(layers, desc=config.label(), disable=not progress)):
         where = f"{prefix}.{index}"
         modules = dict(layer.named_modules())
         device = modules[LLAMA_GROUPS[0][2][0]].weight.device
@@ -492,11 +496,11 @@ def awq_quantize_model(
         reference = run_layer(layer, *probe[0])
         # 2.-3. scale search and folding, group by group
         for k, (label, previous, names) in enumerate(LLAMA_GROUPS):
-            if label not in cfg.groups:
+            if label not in config.groups:
                 continue
             expand = _attention_expand(layer, where) if label == "o" else None
             linears = [modules[n] for n in names]
-            found = search_scale([m.weight for m in linears], stats[k], cfg.bits, cfg.group_size, cfg.symmetric, cfg.n_grid, expand)
+            found = search_scale([m.weight for m in linears], stats[k], config.bits, config.group_size, config.symmetric, config.n_grid, expand)
             fold_scales(modules[previous], linears, found.scales, expand)
             column = found.scales if expand is None else found.scales[expand]
             stats[k] = stats[k].scaled(column)
@@ -508,22 +512,21 @@ def awq_quantize_model(
         for k, (_, _, names) in enumerate(LLAMA_GROUPS):
             for name in names:
                 w = modules[name].weight
-                if cfg.clip and not name.endswith(NOT_CLIPPED):
-                    ratio = search_clip(w, stats[k].gram, cfg.bits, cfg.group_size, cfg.symmetric)
+                if config.clip and not name.endswith(NOT_CLIPPED):
+                    ratio = search_clip(w, stats[k].gram, config.bits, config.group_size, config.symmetric)
                 else:
                     ratio = torch.ones(1, device=w.device)
                 ratios[f"{where}.{name}"] = float(ratio.mean())
                 clipped[f"{where}.{name}"] = float((ratio < 1).float().mean())
-                quantized[modules[name]] = rtn.quantize(w, cfg.bits, cfg.group_size, cfg.symmetric, ratio)
+                quantized[modules[name]] = rtn.quantize(w, config.bits, config.group_size, config.symmetric, ratio)
         replace_linears(layer, lambda lin: QuantLinear(quantized[lin], lin.bias, dtype=lin.weight.dtype),
                         only=[n for _, _, names in LLAMA_GROUPS for n in names])
         inputs = [(run_layer(layer, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
         probe = [(run_layer(layer, *probe[0]), probe[0][1])]
-    notes = []
-    if tuple(cfg.groups) != GROUP_LABELS:
-        notes.append(f"scales searched only for {list(cfg.groups)}; the other Linears are clipped and rounded as RTN")
+    if tuple(config.groups) != GROUP_LABELS:
+        notes.append(f"scales searched only for {list(config.groups)}; the other Linears are clipped and rounded as RTN")
     return AWQReport(
-        config=cfg,
+        config=config,
         n_layers=len(ratios),
         n_tokens=calibration.numel(),
         seconds=time.perf_counter() - start,
