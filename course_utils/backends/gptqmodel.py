@@ -26,14 +26,10 @@ What to know on a CPU-only machine (measured with GPTQModel 7.7.0, transformers 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
-import json
 import os
 import shutil
 import sys
-import tempfile
-import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -41,7 +37,11 @@ from pathlib import Path
 import torch
 
 from course_utils import config
-from course_utils.backends import BackendUnavailableError, import_status
+from course_utils.backends.common import (
+    BackendUnavailableError, build_checkpoint, import_status, read_record, reusable, settings_folder,
+)
+from course_utils.backends.common import calibration_rows as _calibration_rows
+from course_utils.backends.common import source_fingerprint as _source_fingerprint
 
 GPTQMODEL_VERSION = "7.7.0"
 CACHE_RECORD = "course_gptqmodel.json"  # written beside GPTQModel's files: the settings that made them
@@ -114,42 +114,6 @@ def version() -> str:
 # ------------------------------------------------------------------------------------ quantizing
 
 
-def _calibration_rows(calibration) -> tuple[list, str]:
-    """Calibration samples in a form GPTQModel takes, and a fingerprint of their content.
-
-    Accepts a 2-D tensor (n_samples, seq_len) of token ids (``data.calibration_batches``), a list of
-    1-D token-id tensors or lists, or a list of texts (GPTQModel tokenizes them with the model's tokenizer).
-    """
-    if isinstance(calibration, torch.Tensor):
-        if calibration.dim() != 2:
-            raise ValueError(f"a calibration tensor must be (n_samples, seq_len), got shape {tuple(calibration.shape)}")
-        calibration = list(calibration)
-    calibration = list(calibration)
-    if not calibration:
-        raise ValueError("calibration is empty: pass token-id rows (data.calibration_batches) or texts")
-    h = hashlib.sha256()
-    if all(isinstance(c, str) for c in calibration):
-        for text in calibration:
-            h.update(text.encode() + b"\0")
-        return calibration, "text:" + h.hexdigest()[:16]
-    rows = []
-    for c in calibration:
-        ids = torch.as_tensor(c, dtype=torch.long).flatten()
-        if ids.numel() == 0:
-            raise ValueError("a calibration sample holds no tokens")
-        h.update(ids.numpy().tobytes() + b"|")
-        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    return rows, "ids:" + h.hexdigest()[:16]
-
-
-def _source_fingerprint(model_dir: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("config.json")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return h.hexdigest()[:16]
-
-
 def settings_record(model_dir, bits, group_size, act_order, sym, damp, calibration_fingerprint,
                     act_group_aware=False, dtype=torch.float32) -> dict:
     """The settings that identify one quantization (what the cache compares)."""
@@ -166,29 +130,14 @@ def settings_record(model_dir, bits, group_size, act_order, sym, damp, calibrati
 
 def default_out_dir(record: dict) -> Path:
     """``<cache>/gptq/gptqmodel-int4-g64-sym-<hash>``: one folder per distinct settings record."""
-    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
     flags = ("-actorder" if record["desc_act"] else "") + ("-gar" if record["act_group_aware"] else "")
-    name = f"gptqmodel-int{record['bits']}-g{record['group_size']}-{'sym' if record['sym'] else 'asym'}{flags}-{key}"
-    return config.cache_dir() / "gptq" / name
+    name = f"gptqmodel-int{record['bits']}-g{record['group_size']}-{'sym' if record['sym'] else 'asym'}{flags}"
+    return settings_folder("gptq", name, record)
 
 
 def cached_record(out_dir: str | Path) -> dict | None:
     """What ``quantize`` recorded in ``out_dir`` (settings, seconds, threads), or None."""
-    f = Path(out_dir) / CACHE_RECORD
-    if not f.is_file():
-        return None
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError:
-        return None
-
-
-def _log_summary(text: str, tail: int = 20) -> str:
-    """GPTQModel's log without its progress bars: the INFO/WARN/ERROR lines and the last few lines."""
-    lines = [line.rstrip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
-    keep = [line[:300] for line in lines
-            if line.startswith(("INFO", "WARN", "ERROR")) and not line[4:].lstrip().startswith(("|", "+"))]  # no tables
-    return "\n".join(keep + ["--- last lines ---"] + [line[:300] for line in lines[-tail:]]) + "\n"
+    return read_record(out_dir, CACHE_RECORD)
 
 
 def quantize(
@@ -232,9 +181,9 @@ def quantize(
     rows, fingerprint = _calibration_rows(calibration)
     record = settings_record(model_dir, bits, group_size, act_order, sym, damp, fingerprint, act_group_aware, dtype)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(record)
-    previous = cached_record(out_dir)
-    if not overwrite and previous is not None and previous.get("settings") == record and (out_dir / "config.json").is_file():
-        return out_dir, float(previous["seconds"])
+    seconds = reusable(out_dir, CACHE_RECORD, record, overwrite)
+    if seconds is not None:
+        return out_dir, seconds
 
     gptqmodel = _import()
     device = config.device(device)
@@ -242,37 +191,14 @@ def quantize(
         bits=bits, group_size=group_size, desc_act=bool(act_order), sym=bool(sym), damp_percent=float(damp),
         act_group_aware=bool(act_group_aware), offload_to_disk=False,
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".partial-"))
-    log = io.StringIO()
-    try:
-        with contextlib.ExitStack() as stack:
-            if quiet:
-                stack.enter_context(contextlib.redirect_stdout(log))
-                stack.enter_context(contextlib.redirect_stderr(log))
-            start = time.perf_counter()
-            model = gptqmodel.GPTQModel.load(str(model_dir), qconfig, device=device, dtype=dtype)
-            model.quantize(rows, batch_size=1)
-            model.save(str(tmp))
-            seconds = time.perf_counter() - start
-        del model
-        (tmp / "quantize.log").write_text(_log_summary(log.getvalue()))
-        (tmp / CACHE_RECORD).write_text(json.dumps({
-            "settings": record, "seconds": round(seconds, 2), "torch_threads": torch.get_num_threads(),
-            "gptqmodel_cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS"), "device": device,
-            "n_samples": len(rows),
-        }, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except Exception as err:
-        tail = "\n".join(log.getvalue().strip().splitlines()[-15:])
-        raise RuntimeError(f"GPTQModel failed to quantize {model_dir}: {type(err).__name__}: {err}"
-                           + (f"\nlast lines of its log:\n{tail}" if tail else "")) from err
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir, seconds
+
+    def build(folder: Path, log) -> dict:
+        model = gptqmodel.GPTQModel.load(str(model_dir), qconfig, device=device, dtype=dtype)
+        model.quantize(rows, batch_size=1)
+        model.save(str(folder))
+        return {"gptqmodel_cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS"), "device": device, "n_samples": len(rows)}
+
+    return out_dir, build_checkpoint(out_dir, CACHE_RECORD, record, build, "GPTQModel", model_dir, quiet)
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from course_utils import config
-from course_utils.backends import BackendUnavailableError, import_status
+from course_utils.backends.common import BackendUnavailableError, import_status
 
 if TYPE_CHECKING:
     import numpy as np

@@ -43,7 +43,8 @@ float16: the error feedback then works with exactly the weights the quantized mo
 :func:`gptq_quantize_model` runs this on every Linear of a decoder-only model, layer by layer: the
 inputs of each decoder layer come from the already quantized layers before it, and inside a layer
 (*true sequential*) each group of Linears reading the same input (q/k/v, then o, then gate/up, then
-down) is quantized before the next group's inputs are recorded.
+down) is quantized before the next group's inputs are recorded. The layer-by-layer plumbing (capturing a
+layer's inputs, running it, recording a Linear's inputs) lives in :mod:`course_utils.quant.layerwise`.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ import torch
 from torch import nn
 
 from course_utils.quant import rtn
+from course_utils.quant.layerwise import check_calibration, linear_groups, record_inputs
+from course_utils.quant.layerwise import decoder_layers as _decoder_layers
+from course_utils.quant.layerwise import layer_inputs as _layer_inputs
+from course_utils.quant.layerwise import run_layer as _run_layer
 from course_utils.quant.linear import QuantLinear, replace_linears
 from course_utils.quant.llm_int8 import check_not_quantized
 
@@ -362,105 +367,16 @@ class GPTQReport:
     notes: tuple[str, ...]
 
 
-class _StopForward(Exception):
-    """Raised by a hook once it has what it needs, to skip the rest of a forward pass."""
-
-
-def _stop(module: nn.Module, args) -> None:
-    raise _StopForward
-
-
-def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise ValueError(
-            f"gptq_quantize_model expects a decoder-only model whose blocks are model.model.layers "
-            f"(Llama, Mistral, Qwen, SmolLM...); {type(model).__name__} has none"
-        )
-    return "model.layers", layers
-
-
-def _layer_inputs(model: nn.Module, layer: nn.Module, calibration: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
-    """Run ``model`` on ``calibration`` in sub-batches, stopping at ``layer``: its (hidden state, keyword
-    arguments) per sub-batch (the keyword arguments carry rotary embeddings, mask and positions)."""
-    device = next(model.parameters()).device
-    captured = []
-
-    def grab(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, kwargs))
-        raise _StopForward
-
-    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for ids in calibration.split(batch_size):
-            try:
-                model(input_ids=ids.to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = layer(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def linear_groups(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> list[list[str]]:
-    """Names of the Linears of ``layer`` (relative to it) in the order they run, grouped by shared input.
-
-    Linears called one after the other on the very same tensor (q/k/v, gate/up) form a group: for a
-    Llama layer ``[[q, k, v], [o], [gate, up], [down]]``. Found by running the layer once on ``hidden``.
-    """
-    names = {m: n for n, m in layer.named_modules() if type(m) is nn.Linear}
-    calls: list[tuple[str, torch.Tensor]] = []
-    handles = [m.register_forward_pre_hook(lambda m, args: calls.append((names[m], args[0]))) for m in names]
-    try:
-        _run_layer(layer, hidden, kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    groups: list[list[str]] = []
-    for k, (name, x) in enumerate(calls):
-        if k and x is calls[k - 1][1]:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-    missing = set(names.values()) - {n for n, _ in calls}
-    if missing:
-        raise ValueError(f"these Linear layers never ran in a forward pass, GPTQ cannot see their inputs: {sorted(missing)}")
-    return groups
-
-
 def _hessians(layer: nn.Module, readers: list[nn.Module], inputs: list[tuple[torch.Tensor, dict]]) -> list[Hessian]:
     """Hessians of the inputs of ``readers`` (in the order they run), over all calibration sub-batches;
     each forward pass stops at the last reader."""
     hessians = [Hessian(m.in_features, m.weight.device) for m in readers]
-    handles = [h.attach(m) for h, m in zip(hessians, readers)] + [readers[-1].register_forward_pre_hook(_stop)]
-    try:
-        for hidden, kwargs in inputs:
-            try:
-                _run_layer(layer, hidden, kwargs)
-            except _StopForward:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+    record_inputs(layer, readers, inputs, [h.add for h in hessians])
     return hessians
 
 
 def _check_calibration(calibration: torch.Tensor, widest: int) -> None:
-    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.is_floating_point():
-        raise ValueError("calibration must be a (n_samples, seq_len) tensor of token ids, e.g. data.calibration_batches(tokenizer)")
-    if calibration.numel() < widest:
-        raise ValueError(
-            f"calibration holds {calibration.numel()} tokens ({calibration.shape[0]} x {calibration.shape[1]}), fewer than "
-            f"the widest Linear input ({widest} features): the Hessian would be singular. Use more, e.g. 32 x 512 "
-            "(data.calibration_batches(tokenizer, 32, 512))"
-        )
+    check_calibration(calibration, widest, f"the widest Linear input ({widest} features): the Hessian would be singular")
 
 
 @torch.no_grad()
@@ -482,7 +398,7 @@ def gptq_quantize_model(
     from tqdm.auto import tqdm
 
     check_not_quantized(model)
-    prefix, layers = _decoder_layers(model)
+    prefix, layers = _decoder_layers(model, "gptq_quantize_model")
     rtn.check_bits(config.bits)
     if config.group_size == "tensor":
         raise ValueError("GPTQ quantizes per group or per channel ('channel'), not with one scale per tensor")

@@ -1,0 +1,180 @@
+"""What the adapters to quantization libraries share.
+
+- :func:`calibration_rows`: calibration samples (token-id rows or texts) and a fingerprint of their content;
+- :func:`source_fingerprint`: a cheap fingerprint of a checkpoint folder (file names, sizes, dates);
+- :func:`reusable` and :func:`build_checkpoint`: build a checkpoint folder once per settings record. The
+  folder is written under a temporary name and renamed when complete, its settings are recorded in a JSON
+  file beside the library's files, and a later call with the same record reuses it. The library's own
+  output is kept in ``quantize.log`` instead of the notebook;
+- :func:`settings_folder`: ``<cache>/<kind>/<name>-<hash of the record>``;
+- :func:`probe_import`: whether a module imports, tried in a child process (for libraries that are
+  reported on but not used: a failed import can leave half-loaded modules behind).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from course_utils import config
+
+
+def import_status(importers: dict[str, Callable[[], object]]) -> dict[str, str | None]:
+    """Try each importer: name -> None when it works, else the reason it raised (BackendUnavailableError)."""
+    status: dict[str, str | None] = {}
+    for name, importer in importers.items():
+        try:
+            importer()
+            status[name] = None
+        except BackendUnavailableError as err:
+            status[name] = str(err)
+    return status
+
+
+class BackendUnavailableError(ImportError):
+    """A quantization library (or a library it needs) is missing or broken; the message says how to install it."""
+
+
+def calibration_rows(calibration) -> tuple[list, str]:
+    """Calibration samples as a list of rows and a fingerprint of their content.
+
+    Accepts a 2-D tensor (n_samples, seq_len) of token ids (``data.calibration_batches``), a list of
+    1-D token-id tensors or lists (each becomes ``{"input_ids": ids, "attention_mask": ones}``, int64
+    tensors), or a list of texts (kept as they are: the library tokenizes them).
+    """
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2:
+            raise ValueError(f"a calibration tensor must be (n_samples, seq_len), got shape {tuple(calibration.shape)}")
+        calibration = list(calibration)
+    calibration = list(calibration)
+    if not calibration:
+        raise ValueError("calibration is empty: pass token-id rows (data.calibration_batches) or texts")
+    h = hashlib.sha256()
+    if all(isinstance(c, str) for c in calibration):
+        for text in calibration:
+            h.update(text.encode() + b"\0")
+        return calibration, "text:" + h.hexdigest()[:16]
+    rows = []
+    for c in calibration:
+        ids = torch.as_tensor(c, dtype=torch.long).flatten()
+        if ids.numel() == 0:
+            raise ValueError("a calibration sample holds no tokens")
+        h.update(ids.numpy().tobytes() + b"|")
+        rows.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return rows, "ids:" + h.hexdigest()[:16]
+
+
+def source_fingerprint(model_dir: Path) -> str:
+    """Hash of the names, sizes and modification times of a checkpoint's weights and config.json."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("config.json")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def settings_folder(kind: str, name: str, record: dict) -> Path:
+    """``<cache>/<kind>/<name>-<10 hex digits of the record>``: one folder per distinct settings record."""
+    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
+    return config.cache_dir() / kind / f"{name}-{key}"
+
+
+def read_record(out_dir: str | Path, record_file: str) -> dict | None:
+    """The JSON record ``cached_build`` wrote in ``out_dir``, or None."""
+    f = Path(out_dir) / record_file
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def log_summary(text: str, tail: int = 20) -> str:
+    """A library's log without its progress bars: its INFO/WARN/ERROR lines and the last few lines."""
+    lines = [line.rstrip() for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    keep = [line[:300] for line in lines
+            if line.startswith(("INFO", "WARN", "ERROR")) and not line[4:].lstrip().startswith(("|", "+"))]  # no tables
+    return "\n".join(keep + ["--- last lines ---"] + [line[:300] for line in lines[-tail:]]) + "\n"
+
+
+def reusable(out_dir: Path, record_file: str, settings: dict, overwrite: bool = False) -> float | None:
+    """The seconds recorded in ``out_dir`` if it holds a checkpoint (config.json) built with ``settings``
+    (and ``overwrite`` is False), else None: the checkpoint must be built."""
+    previous = read_record(out_dir, record_file)
+    if not overwrite and previous is not None and previous.get("settings") == settings and (Path(out_dir) / "config.json").is_file():
+        return float(previous["seconds"])
+    return None
+
+
+def build_checkpoint(
+    out_dir: Path,
+    record_file: str,
+    settings: dict,
+    build: Callable[[Path, io.StringIO], dict],
+    library: str,
+    source: Path,
+    quiet: bool = True,
+) -> float:
+    """Run ``build(folder, log)`` to write a checkpoint, move it to ``out_dir`` and record ``settings``
+    and the seconds it took in ``out_dir / record_file`` (see :func:`reusable`); returns the seconds.
+
+    ``build`` writes into ``folder`` (a temporary sibling of ``out_dir``, renamed to it when everything
+    succeeded) and returns extra facts to record (device, sample count...). With ``quiet`` its stdout and
+    stderr go to ``log`` (a summary is kept in ``quantize.log``); ``log`` is also where a library's own
+    logger can be pointed. Any failure raises ``RuntimeError`` naming ``library`` with the last lines of
+    its log, and leaves no partial folder behind.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".partial-"))
+    log = io.StringIO()
+    try:
+        with contextlib.ExitStack() as stack:
+            if quiet:
+                stack.enter_context(contextlib.redirect_stdout(log))
+                stack.enter_context(contextlib.redirect_stderr(log))
+            start = time.perf_counter()
+            facts = build(tmp, log)
+            seconds = time.perf_counter() - start
+        (tmp / "quantize.log").write_text(log_summary(log.getvalue()))
+        (tmp / record_file).write_text(json.dumps({
+            "settings": settings, "seconds": round(seconds, 2), "torch_threads": torch.get_num_threads(), **facts,
+        }, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except Exception as err:
+        tail = "\n".join(log.getvalue().strip().splitlines()[-15:])
+        raise RuntimeError(f"{library} failed to quantize {source}: {type(err).__name__}: {err}"
+                           + (f"\nlast lines of its log:\n{tail}" if tail else "")) from err
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return seconds
+
+
+def probe_import(module: str, timeout: float = 300) -> str | None:
+    """None if ``import <module>`` works in a fresh interpreter; else why not, in one line
+    ("not installed", the last line of the error, or a timeout)."""
+    if importlib.util.find_spec(module) is None:
+        return "not installed"
+    try:
+        proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"`import {module}` did not finish within {timeout:g} s"
+    if proc.returncode == 0:
+        return None
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    return f"`import {module}` fails here ({lines[-1] if lines else f'exit status {proc.returncode}'})"
