@@ -134,14 +134,18 @@ def build_checkpoint(
     ``build`` writes into ``folder`` (a temporary sibling of ``out_dir``, renamed to it when everything
     succeeded) and returns extra facts to record (device, sample count...). With ``quiet`` its stdout and
     stderr go to ``log`` (a summary is kept in ``quantize.log``); ``log`` is also where a library's own
-    logger can be pointed. Any failure raises ``RuntimeError`` naming ``library`` with the last lines of
+    logger can be pointed. It runs in a scratch working directory, so files a library writes relative to
+    the current directory (GPTQModel's ``logs/``) never land beside the notebook. Any failure raises ``RuntimeError`` naming ``library`` with the last lines of
     its log, and leaves no partial folder behind.
     """
+    out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".partial-"))
+    scratch = Path(tempfile.mkdtemp(prefix="course-quantize-"))  # libraries write relative logs/ here
     log = io.StringIO()
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(contextlib.chdir(scratch))
             if quiet:
                 stack.enter_context(contextlib.redirect_stdout(log))
                 stack.enter_context(contextlib.redirect_stderr(log))
@@ -160,6 +164,7 @@ def build_checkpoint(
         raise RuntimeError(f"{library} failed to quantize {source}: {type(err).__name__}: {err}"
                            + (f"\nlast lines of its log:\n{tail}" if tail else "")) from err
     finally:
+        shutil.rmtree(scratch, ignore_errors=True)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return seconds
