@@ -56,3 +56,20 @@ def test_cache_runs_once_per_description(tmp_path, monkeypatch):
     assert torch.equal(a(x), b(x))
     store.cached_quantize(c, {"bits": 3}, quantize)
     assert len(calls) == 2
+
+
+def test_a_dataclass_report_is_kept_as_its_fields(tmp_path, monkeypatch):
+    from course_utils.quant import gptq
+
+    monkeypatch.setenv("COURSE_CACHE", str(tmp_path))
+    calls = []
+
+    def quantize(m):
+        calls.append(1)
+        quantize_model(m, RTNConfig(bits=4, group_size=32))
+        return gptq.GPTQReport(gptq.GPTQConfig(), 2, 100, 0.5, {"a": 1.0}, {"a": 0.01}, ("note",))
+
+    store.cached_quantize(_tiny(), {"k": 1}, quantize)
+    extra, cached = store.cached_quantize(_tiny(), {"k": 1}, quantize)
+    assert cached and len(calls) == 1
+    assert extra["report"]["losses"] == {"a": 1.0} and extra["report"]["config"]["bits"] == 4

@@ -10,6 +10,7 @@ change anything in it and the quantizer runs again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -90,7 +91,8 @@ def cached_quantize(
     """Quantize ``model`` in place with ``quantize(model)`` unless a result for ``description`` is cached.
 
     Returns ``(extra, was_cached)``; ``extra`` holds ``seconds`` (how long the quantizer took when it
-    ran) and ``report`` (``str`` of what ``quantize`` returned). Files live in
+    ran) and ``report`` (what ``quantize`` returned: a dataclass as a dict of its fields, e.g. AWQ's alpha
+    per layer, anything else as its ``str``). Files live in
     ``<cache>/quantized/<folder>/<hash>.pt``.
     """
     path = config.cache_dir() / "quantized" / (folder or "models") / f"{cache_key(description)}.pt"
@@ -98,6 +100,7 @@ def cached_quantize(
         return load(model, path), True
     start = time.perf_counter()
     report = quantize(model)
-    extra = {"seconds": time.perf_counter() - start, "report": str(report), "description": description}
+    saved = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else str(report)
+    extra = {"seconds": time.perf_counter() - start, "report": saved, "description": description}
     save(model, path, extra)
     return extra, False
