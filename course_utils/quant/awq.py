@@ -347,6 +347,14 @@ class AWQReport:
     clipped: dict[str, float]
     notes: tuple[str, ...] = field(default=())
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> AWQReport:
+        """The report again from its fields (``dataclasses.asdict``, as :mod:`course_utils.quant.store` keeps it)."""
+        cfg = fields["config"]
+        config = cfg if isinstance(cfg, AWQConfig) else AWQConfig(**{**cfg, "groups": tuple(cfg["groups"])})
+        return cls(**{**fields, "config": config, "errors": {k: tuple(v) for k, v in fields["errors"].items()},
+                      "notes": tuple(fields.get("notes", ()))})
+
     def alpha_by_group(self) -> dict[str, list[float]]:
         """``{label: [alpha of layer 0, layer 1, ...]}`` for each scaled group label."""
         table: dict[str, list[float]] = {}

@@ -2,7 +2,8 @@
 
 GPTQ and AWQ take minutes on a CPU; their result is deterministic for a given model, calibration set and
 configuration. :func:`cached_quantize` runs the quantizer once, saves every ``QuantLinear``'s packed
-codes, scales and zero points (a few tens of MB for the course model), and on the next call with the
+codes, scales and zero points (a few tens of MB for the course model) with the model's one-dimensional
+parameters (AWQ folds its scales into the norm weights), and on the next call with the
 same key rebuilds the same layers in a freshly loaded float model in about a second. The key is any
 JSON-able description (method, configuration, model name, a fingerprint of the calibration tokens);
 change anything in it and the quantizer runs again.
@@ -31,8 +32,17 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def vectors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every one-dimensional parameter of ``model`` (norm weights, biases) by name, on the CPU.
+
+    A quantizer may change them as well as the Linears: AWQ folds its scales into the RMSNorm weights.
+    They are a few kilobytes, so the store keeps them all rather than guessing which changed."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.dim() == 1}
+
+
 def save(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path:
-    """Write the buffers and settings of every ``QuantLinear`` of ``model`` (and ``extra``) to ``path``."""
+    """Write the buffers and settings of every ``QuantLinear`` of ``model``, its one-dimensional parameters
+    (:func:`vectors`) and ``extra`` to ``path``."""
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("the model has no QuantLinear layers to save")
@@ -47,7 +57,7 @@ def save(model: nn.Module, path: str | Path, extra: dict | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    torch.save({"layers": state, "extra": extra or {}}, partial)
+    torch.save({"layers": state, "vectors": vectors(model), "extra": extra or {}}, partial)
     partial.replace(path)
     return path
 
@@ -64,7 +74,8 @@ def _restore(state: dict) -> QuantLinear:
 
 
 def load(model: nn.Module, path: str | Path) -> dict:
-    """Put the saved layers into ``model`` (same architecture, float) in place; returns the saved ``extra``."""
+    """Put the saved layers and vectors into ``model`` (same architecture, float) in place; returns the
+    saved ``extra``."""
     saved = torch.load(Path(path), map_location="cpu", weights_only=True)
     modules = dict(model.named_modules())
     missing = [n for n in saved["layers"] if n not in modules]
@@ -77,6 +88,12 @@ def load(model: nn.Module, path: str | Path) -> dict:
             raise ValueError(f"{path}: layer {name} is {tuple(state['shape'])} in the file, {(old.out_features, old.in_features)} in the model")
         parent, _, child = name.rpartition(".")
         setattr(modules[parent] if parent else model, child, _restore(state).to(device))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in saved.get("vectors", {}).items():
+            if name not in params or params[name].shape != value.shape:
+                raise ValueError(f"{path}: parameter {name} {tuple(value.shape)} does not fit this model")
+            params[name].copy_(value)
     return saved["extra"]
 
 
