@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup course test lab doctor clean-cache gpu-setup
+.PHONY: setup course test lab doctor clean-cache gpu-setup gpu-test gpu-course
 
 setup: $(STAMP)
 
@@ -31,6 +31,26 @@ lab: setup
 ## Check this machine: Python, libraries, GPU, default model, disk, memory.
 doctor: setup
 	$(PY) -m course_utils doctor
+
+## A rented CUDA GPU: the same environment (PyPI's Linux torch is the CUDA build) plus requirements-gpu.txt,
+## llama.cpp compiled for CUDA when nvcc is there, then the doctor. See docs/instructors.md.
+gpu-setup: setup
+	$(PY) -c "import sys, torch; sys.exit(None if torch.cuda.is_available() else 'torch ' + torch.__version__ + ' sees no CUDA GPU: check nvidia-smi, and that torch.version.cuda is not None')"
+	$(PY) -m pip install --quiet -r requirements-gpu.txt
+	@if command -v nvcc >/dev/null 2>&1; then \
+	  echo "compiling llama-cpp-python with CUDA (several minutes)"; \
+	  CMAKE_ARGS="-DGGML_CUDA=on" $(PY) -m pip install --quiet --no-deps --force-reinstall --no-cache-dir \
+	    "$$(grep '^llama-cpp-python==' requirements.txt)"; \
+	else echo "nvcc not found: llama-cpp-python stays a CPU build (lesson 09 runs llama.cpp on the CPU)"; fi
+	$(PY) -m course_utils doctor
+
+## The GPU-only tests (bitsandbytes, GPTQ and AWQ kernels, GEMV timing, CUDA codes equal to CPU codes).
+gpu-test: gpu-setup
+	$(PY) -m pytest -m gpu -q tests
+
+## Every lesson on the GPU, into build/: make gpu-course MODEL=Qwen/Qwen2.5-1.5B (default: the course's model).
+gpu-course: gpu-setup
+	$(PY) -m course_utils run --device cuda $(if $(MODEL),--model $(MODEL))
 
 clean-cache:
 	rm -rf $${COURSE_CACHE:-$$HOME/.cache/quantization-measured}

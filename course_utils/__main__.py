@@ -37,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from course_utils import runner
 
-    runs = runner.run_course(args.model, args.device, args.out, args.only)
+    try:
+        runs = runner.run_course(args.model, args.device, args.out, args.only)
+    except ValueError as err:  # the model cannot run on this machine: said before anything was loaded
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 1 if any(r.error for r in runs) else 0
 
 

@@ -266,3 +266,33 @@ def describe() -> MachineDescription:
         python=platform.python_version(),
         gpus=gpus(),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Which GPU for which model.
+
+# Memory a run needs beyond the weights: activations, the KV cache, the CUDA context, and lessons that hold a
+# quantized copy beside the float model. A rule of thumb for the course's lessons, not a law.
+GPU_HEADROOM = 1.5
+
+# Common rental choices, smallest first: (what to rent, total GPU memory in GiB).
+GPU_CLASSES = (
+    ("T4 (16 GB)", 16),
+    ("L4, A10G or RTX 4090 (24 GB)", 24),
+    ("L40S or RTX 6000 Ada (48 GB)", 48),
+    ("A100 or H100 (80 GB)", 80),
+    ("H200 (141 GB)", 141),
+    ("2 x A100/H100 80 GB", 160),
+    ("2 x H200", 282),
+    ("4 x A100/H100 80 GB", 320),
+)
+
+
+def smallest_gpu(weight_bytes: float) -> str | None:
+    """The smallest of :data:`GPU_CLASSES` whose memory holds ``weight_bytes`` times :data:`GPU_HEADROOM`
+    (None if none does)."""
+    if not weight_bytes > 0:
+        raise ValueError(f"weight_bytes must be positive, got {weight_bytes!r}")
+    need = weight_bytes * GPU_HEADROOM
+    return next((name for name, gib in GPU_CLASSES if gib * 2**30 >= need), None)
+

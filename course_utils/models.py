@@ -143,6 +143,23 @@ def count_parameters(model: torch.nn.Module) -> int:
     return total
 
 
+def parameters_from_config(name: str | None = None) -> int:
+    """Parameters of a model counted from its config alone: the model is built on PyTorch's "meta" device,
+    so no weight is read or allocated (a 70B model is counted in about a second). Needs the config:
+    offline, only the default model or one already in the Hugging Face cache."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = config.model_name(name)
+    source = default_model_dir() if name == config.DEFAULT_MODEL else name
+    try:
+        cfg = AutoConfig.from_pretrained(source)
+    except OSError as err:
+        raise ModelNotAvailableError(_offline_message(name, err)) from None
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(cfg)
+    return count_parameters(skeleton)
+
+
 def model_bytes(model: torch.nn.Module) -> int:
     """Bytes held by the model's parameters and buffers, each distinct storage counted once."""
     seen: set[int] = set()

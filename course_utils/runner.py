@@ -63,6 +63,48 @@ def execute(path: Path, out: Path, model: str, device: str, timeout: int = 900) 
     return LessonRun(path.stem, seconds, error)
 
 
+def plan_device(model: str, requested: str | None) -> tuple[str, list[str]]:
+    """The device a run will use, and what the run must tell the user before it starts.
+
+    ``requested`` ("cpu", "cuda", "cuda:1", "auto" or None for ``$COURSE_DEVICE``): a CUDA device without a
+    CUDA GPU falls back to the CPU, with a message saying why. On a GPU, the model's size is estimated from
+    its config (:func:`course_utils.models.parameters_from_config`) and compared with the memory of all
+    visible GPUs before anything is loaded: if its 16-bit weights (times ``hardware.GPU_HEADROOM``) do not fit,
+    ``ValueError`` says how much it needs, how much there is, and which precision would fit.
+    """
+    import torch
+
+    from course_utils import formats, hardware, models
+
+    messages = []
+    choice = (requested or os.environ.get("COURSE_DEVICE", "").strip() or "auto").lower()
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        messages.append(f"--device {choice}: torch sees no CUDA GPU (no GPU, no driver, or a CPU build of torch); "
+                        "running every lesson on the CPU instead")
+        choice = "cpu"
+    device = config.device(choice)
+    if device.startswith("cuda"):
+        try:
+            n_params = models.parameters_from_config(model)
+        except models.ModelNotAvailableError as err:
+            messages.append(f"could not check that {model} fits on the GPU before loading it: {err}")
+            return device, messages
+        total = sum(g.memory_gib for g in hardware.gpus()) * 2**30
+        need = formats.memory_estimate(n_params, "bf16") * hardware.GPU_HEADROOM
+        if need > total:
+            fits = [f for f in ("int8", "int4") if formats.memory_estimate(n_params, f, None if f == "int8" else 128) * hardware.GPU_HEADROOM <= total]
+            hint = (f"stored in {fits[0].upper()} it would fit: a pre-quantized checkpoint of it, or a smaller model"
+                    if fits else "even at 4 bits it would not: choose a smaller model or more GPUs")
+            raise ValueError(
+                f"{model} has {formats.params_label(n_params)} parameters: about {need / 1e9:.0f} GB in 16-bit with "
+                f"working room ({hardware.GPU_HEADROOM}x the weights), more than the {total / 1e9:.0f} GB of the "
+                f"{len(hardware.gpus())} visible GPU(s); {hint}"
+            )
+        messages.append(f"{model}: {formats.params_label(n_params)} parameters, about {need / 1e9:.1f} GB in 16-bit "
+                        f"with working room, on {total / 1e9:.0f} GB of GPU memory")
+    return device, messages
+
+
 def summary_markdown(runs: list[LessonRun], records: list[dict], model: str, device: str) -> str:
     """The results report: one row per lesson (time, status), then each lesson's recorded figures."""
     lines = [
@@ -87,7 +129,9 @@ def run_course(
 ) -> list[LessonRun]:
     """Execute every lesson (or those in ``only``) into ``out_dir/lessons`` and write ``out_dir/summary.md``."""
     model = config.model_name(model)
-    device = config.device(device)
+    device, messages = plan_device(model, device)
+    for line in messages:
+        print(line, flush=True)
     root = config.repo_root()
     out_dir = Path(out_dir or root / "build")
     results_file = out_dir / "results.jsonl"

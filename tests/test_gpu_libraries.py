@@ -1,0 +1,104 @@
+"""The libraries' GPU paths: bitsandbytes on CUDA, GPTQ and AWQ weights through GPTQModel's GPU kernels, and GEMV
+timing against the measured bandwidth. Run with `pytest -m gpu` (or `make gpu-test`) on a CUDA machine; without
+one every test here is skipped with the reason."""
+
+import tempfile
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+GPU_KERNEL_WORDS = ("Marlin", "Exllama", "Triton", "Fused", "Machete", "BitBLAS")
+
+
+@pytest.fixture(scope="module")
+def default_on_cuda():
+    """(model on CUDA, tokenizer, 2 evaluation windows, float perplexity) of the offline default model."""
+    from course_utils import data, evaluate, models
+
+    try:
+        models.default_gguf_path()
+    except models.ModelNotAvailableError as err:
+        pytest.skip(str(err))
+    model, tok = models.load_model("default", "cuda")
+    windows = data.evaluation_windows(tok, max_windows=2)
+    return model, tok, windows, evaluate.perplexity(model, windows).value
+
+
+@pytest.mark.parametrize("bits,quant_type,limit", [(8, "nf4", 0.03), (4, "nf4", 0.5), (4, "fp4", 1.0)])
+def test_bitsandbytes_runs_on_cuda_and_costs_what_lesson_06_says(default_on_cuda, bits, quant_type, limit):
+    from course_utils import evaluate
+    from course_utils.backends import bnb
+
+    if not bnb.available():
+        pytest.skip("bitsandbytes is not installed")
+    _, _, windows, float_ppl = default_on_cuda
+    model, _ = bnb.load_quantized(bnb.BnbSetting(bits=bits, quant_type=quant_type), "default", "cuda")
+    assert bnb.quantized_layer_count(model) > 0
+    assert next(model.parameters()).is_cuda
+    ppl = evaluate.perplexity(model, windows).value
+    assert ppl / float_ppl - 1 < limit, f"bnb {bits}-bit {quant_type}: perplexity {ppl:.2f} against {float_ppl:.2f} in float"
+
+
+def _through_gptqmodel_kernel(model, tok, windows):
+    """Save ``model`` (QuantLinear layers) as a GPTQ checkpoint, load it with GPTQModel's pick of kernel on CUDA
+    in float16, and return (kernel names, perplexity)."""
+    from course_utils import evaluate
+    from course_utils.backends import gptqmodel as gptq_lib
+    from course_utils.quant import gptq_format
+
+    if gptq_lib.available()["gptqmodel"] is not None:
+        pytest.skip(gptq_lib.available()["gptqmodel"])
+    with tempfile.TemporaryDirectory() as folder:
+        gptq_format.save_gptq_checkpoint(model, tok, folder, dtype=torch.float16)
+        loaded, _ = gptq_lib.load_quantized(folder, device="cuda", dtype=torch.float16, backend="auto")
+        names = gptq_lib.kernels(loaded)
+        ppl = evaluate.perplexity(loaded, windows).value
+    return names, ppl
+
+
+def _check_kernel(names: dict[str, int]) -> None:
+    assert any(word.lower() in name.lower() for name in names for word in GPU_KERNEL_WORDS), (
+        f"GPTQModel loaded {names}: none of its GPU kernels ({', '.join(GPU_KERNEL_WORDS)})")
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_from_scratch_gptq_and_awq_weights_run_in_a_gptqmodel_gpu_kernel(default_on_cuda, method):
+    """AWQ's result is scales folded into the norms plus a grid-quantized weight: the same checkpoint layout as
+    GPTQ without act-order, so GPTQModel's 4-bit GPU kernels serve both."""
+    from course_utils import data, evaluate
+    from course_utils.quant import awq, gptq, methods
+
+    model, tok, windows, _ = default_on_cuda
+    cal = data.calibration_batches(tok, n_samples=8, seq_len=512)
+    cfg = gptq.GPTQConfig(bits=4, group_size=64) if method == "gptq" else awq.AWQConfig(bits=4, group_size=64)
+    quantized, _, _ = methods.quantized_copy(model, method, cfg, "default", cal, folder="gpu-tests")
+    in_memory = evaluate.perplexity(quantized, windows).value
+    names, ppl = _through_gptqmodel_kernel(quantized, tok, windows)
+    _check_kernel(names)
+    assert abs(ppl / in_memory - 1) < 0.01, f"{method} through {names}: {ppl:.3f} against {in_memory:.3f} in memory"
+
+
+def test_llmcompressor_awq_checkpoint_loads_and_runs_on_cuda(default_on_cuda):
+    from course_utils import data, evaluate
+    from course_utils.backends import llmcompressor as awq_lib
+
+    if awq_lib.available()["llmcompressor"] is not None:
+        pytest.skip(awq_lib.available()["llmcompressor"])
+    _, tok, windows, float_ppl = default_on_cuda
+    folder, _ = awq_lib.awq_quantize(bits=4, group_size=64, calibration=data.calibration_batches(tok, 4, 256))
+    model, _ = awq_lib.load_quantized(folder, device="cuda", dtype=torch.float16, dequantize=False)
+    assert next(model.parameters()).is_cuda
+    assert evaluate.perplexity(model, windows).value / float_ppl < 1.6
+
+
+def test_gemv_speed_against_the_measured_bandwidth():
+    from course_utils import kernels
+
+    sweep = kernels.gemv_sweep(8192, 8192, [("fp16", None), ("int8", None), ("int4", None)], device="cuda")
+    fractions = {t.label: sweep.speed_of_light_fraction(t.label) for t in sweep.timings}
+    print(f"read bandwidth {sweep.bandwidth.gbps:.0f} GB/s; speed-of-light fractions {fractions}; skipped {sweep.skipped}")
+    assert 0.3 < fractions["fp16"] < 1.2, "an fp16 GEMV of a 128 MiB weight should run near the read bandwidth"
+    assert all(0.02 < f < 1.2 for f in fractions.values())
+    assert set(fractions) | set(sweep.skipped) == {kernels.variant_label(f) for f in ("fp16", "int8", "int4")}
