@@ -75,6 +75,26 @@ def check_torch_device() -> Check:
     return Check("OK", "gpu", names)
 
 
+def check_gpu_paths() -> list[Check]:
+    """With a GPU: is torch a CUDA build, and is llama.cpp built with GPU offload (``make gpu-setup``)?
+    Without one, nothing to check."""
+    from course_utils import hardware
+
+    if not hardware.gpus():
+        return []
+    import torch
+
+    checks = [Check("OK", "torch CUDA", f"torch {torch.__version__}, CUDA {torch.version.cuda}")]
+    try:
+        import llama_cpp
+
+        offload = bool(llama_cpp.llama_supports_gpu_offload())
+    except Exception as err:  # noqa: BLE001 - a broken build is reported, not raised
+        return checks + [Check("INFO", "llama.cpp GPU", f"could not ask llama-cpp-python ({type(err).__name__}: {err})")]
+    detail = "built with GPU offload" if offload else "CPU build: lesson 09 runs on the CPU (`make gpu-setup` with nvcc rebuilds it)"
+    return checks + [Check("OK" if offload else "INFO", "llama.cpp GPU", detail)]
+
+
 def check_default_model() -> Check:
     """The default model's GGUF is present (and whether its converted copy is cached)."""
     from course_utils import models
@@ -109,7 +129,7 @@ def run_checks() -> list[Check]:
     """All checks, in the order the report prints them."""
     checks = [check_python()]
     checks += [check_library(d, p, r) for d, p, r in LIBRARIES]
-    checks += [check_torch_device(), check_default_model(), check_disk(), check_memory()]
+    checks += [check_torch_device(), *check_gpu_paths(), check_default_model(), check_disk(), check_memory()]
     return checks
 
 

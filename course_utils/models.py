@@ -80,6 +80,21 @@ def default_model_dir() -> Path:
     return target
 
 
+def model_dir(name: str | None = None) -> Path:
+    """A local folder with the model's float safetensors and tokenizer, for libraries that read a folder
+    (GPTQModel, llm-compressor): the converted default model, or a Hugging Face model's snapshot in the
+    local cache (downloaded first when online). ``ModelNotAvailableError`` when offline and not cached."""
+    name = config.model_name(name)
+    if name == config.DEFAULT_MODEL:
+        return default_model_dir()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as err:  # noqa: BLE001 - the hub client raises several types when offline
+        raise ModelNotAvailableError(_offline_message(name, err)) from None
+
+
 def _offline_message(name: str, err: Exception) -> str:
     return (
         f"could not load model {name!r}: it is not in the local Hugging Face cache and could not be "

@@ -74,3 +74,40 @@ def memory_calculator(params_billions: float = 7.0, precision: str = "fp16", gpu
         control.observe(update, names="value")
     update()
     return w.VBox([params, prec, group, kv, gpu, out])
+
+
+def recommender(hardware_class: str = "consumer_gpu", memory_gb: float = 24.0, params_billions: float = 8.0):
+    """An ipywidgets panel around :func:`course_utils.recommend.recommend`: hardware, memory, model size,
+    goal, batch size, fine-tuning, accepted loss and KV cache in; the recommendation and its reasons (or
+    why nothing fits) out. Returns the widget (a VBox); display it in a notebook."""
+    import html
+
+    import ipywidgets as w
+
+    from course_utils import recommend as rec
+
+    style = {"description_width": "160px"}
+    hw = w.Dropdown(options=list(rec.HARDWARE_CLASSES), value=hardware_class, description="hardware", style=style)
+    mem = w.BoundedFloatText(value=memory_gb, min=0.1, max=10_000, step=8.0, description="memory (GB)", style=style)
+    params = w.BoundedFloatText(value=params_billions, min=0.01, max=10_000, step=1.0, description="parameters (billions)", style=style)
+    goal = w.ToggleButtons(options=list(rec.GOALS), value="latency", description="goal", style=style)
+    batch = w.BoundedIntText(value=1, min=1, max=4096, description="batch size", style=style)
+    tune = w.Checkbox(value=False, description="fine-tuning (QLoRA)")
+    loss = w.BoundedFloatText(value=3.0, min=0.0, max=100.0, step=0.5, description="accepted loss (%)", style=style)
+    kv = w.BoundedFloatText(value=0.0, min=0.0, max=10_000, step=1.0, description="KV cache (GB)", style=style)
+    out = w.HTML()
+
+    def update(_=None) -> None:
+        try:
+            text = str(rec.recommend(hw.value, mem.value, params.value * 1e9, goal.value, batch.value, tune.value,
+                                     loss.value, kv.value))
+            colour = "black"
+        except ValueError as err:
+            text, colour = str(err), "crimson"
+        out.value = f"<pre style='color:{colour}; white-space:pre-wrap'>{html.escape(text)}</pre>"
+
+    controls = (hw, mem, params, goal, batch, tune, loss, kv)
+    for control in controls:
+        control.observe(update, names="value")
+    update()
+    return w.VBox([*controls, out])

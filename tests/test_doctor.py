@@ -27,3 +27,17 @@ def test_command_line_doctor_prints_report_and_exits_zero(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert out.count("\n") >= 10 and "default model" in out
+
+
+def test_gpu_paths_are_checked_only_with_a_gpu(monkeypatch):
+    import llama_cpp
+
+    from course_utils import hardware
+
+    monkeypatch.setattr(hardware, "gpus", lambda: [])
+    assert doctor.check_gpu_paths() == []
+    monkeypatch.setattr(hardware, "gpus", lambda: [hardware.GPUInfo(0, "Test GPU", 24.0, (8, 9), None)])
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: False)
+    torch_check, llama_check = doctor.check_gpu_paths()
+    assert torch_check.name == "torch CUDA"
+    assert llama_check.status == "INFO" and "make gpu-setup" in llama_check.detail

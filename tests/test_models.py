@@ -48,3 +48,10 @@ def test_parameter_and_byte_counts_on_a_tied_toy():
     toy = torch.nn.ModuleDict({"emb": emb, "head": head})
     assert models.count_parameters(toy) == 40
     assert models.model_bytes(toy) == 160
+
+
+def test_model_dir_is_a_local_folder_or_one_clear_message(monkeypatch):
+    assert (models.model_dir("default") / "model.safetensors").is_file()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(models.ModelNotAvailableError, match="not in the local Hugging Face cache"):
+        models.model_dir("no-such-org/no-such-model-xyz")
