@@ -141,6 +141,18 @@ def test_a_checkpoint_loads_back_into_the_course_quantlinear_with_identical_logi
         gf.load_into_model(fresh, out)  # its layers are QuantLinear now
 
 
+def test_per_channel_layers_of_different_widths_are_written_as_group_size_minus_one(tmp_path):
+    model = _tiny_llama()
+    quantize_model(model, RTNConfig(bits=8, group_size="channel", symmetric=True))  # rows of 64 and of 128
+    out = gf.save_gptq_checkpoint(model, None, tmp_path / "ckpt")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == -1
+    fresh = _tiny_llama()
+    assert gf.load_into_model(fresh, out) == 14
+    ids = torch.arange(40).view(2, 20)
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
+
+
 def test_writer_refuses_mixed_settings_and_models_without_quantlinear(tmp_path):
     model = _tiny_llama()
     with pytest.raises(ValueError, match="no QuantLinear"):

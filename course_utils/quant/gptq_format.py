@@ -329,7 +329,7 @@ def save_gptq_checkpoint(
     """Write ``model`` (a transformers model whose quantized Linears are QuantLinear) as a GPTQ checkpoint.
 
     ``bits``, ``group_size`` and ``sym`` are read from the layers (all must agree: this writer makes no
-    per-layer "dynamic" overrides). ``desc_act`` and ``g_idx`` (per layer name, default ``col //
+    per-layer "dynamic" overrides; layers with one group per row are written as ``group_size`` -1). ``desc_act`` and ``g_idx`` (per layer name, default ``col //
     group_size``) describe act-order. Float tensors (embeddings, norms, an unquantized ``lm_head``) keep
     their dtype unless ``dtype`` is given; a tied ``lm_head`` is not written twice. Writes
     ``model.safetensors``, ``config.json`` (with ``quantization_config``), ``quantize_config.json``,
@@ -339,7 +339,9 @@ def save_gptq_checkpoint(
 
     packed = pack_model(model, g_idx, checkpoint_format)
     layers = dict(model.named_modules())
-    settings = {(layers[n].bits, layers[n].group_size, bool(layers[n].symmetric)) for n in packed}
+    # one group per row (per-channel scales) is group_size -1 in the format, whatever each layer's width
+    settings = {(layers[n].bits, -1 if layers[n].group_size == layers[n].in_features else layers[n].group_size,
+                 bool(layers[n].symmetric)) for n in packed}
     if len(settings) != 1:
         raise ValueError(f"all QuantLinear layers must share bits, group_size and symmetry, found {sorted(settings)}")
     (bits, group_size, sym), = settings
