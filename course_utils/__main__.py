@@ -1,9 +1,10 @@
-"""Command line of the course: ``python -m course_utils doctor | run | labs``."""
+"""Command line of the course: ``python -m course_utils doctor | run | compare | labs``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--device", help="cpu, cuda or auto (default: auto)")
     run.add_argument("--out", help="output folder (default: build/)")
     run.add_argument("--only", nargs="*", help="lesson number prefixes to run, e.g. 01 03")
+    cmp = sub.add_parser("compare", help="measure every method on this machine and model into build/compare/")
+    cmp.add_argument("--model", help="'default' (offline) or a Hugging Face model id")
+    cmp.add_argument("--device", help="cpu, cuda or auto (default: auto)")
+    cmp.add_argument("--out", help="output folder (default: build/compare)")
+    cmp.add_argument("--only", nargs="*", help="methods to keep, e.g. float RTN GPTQ AWQ GGUF")
     labs = sub.add_parser("labs", help="generate labs/ from solutions/ (exercise cells replaced by stubs)")
     labs.add_argument("--check", action="store_true", help="only report labs that are out of date (exit 1)")
     args = parser.parse_args(argv)
@@ -27,6 +33,16 @@ def main(argv: list[str] | None = None) -> int:
         for path in stale:
             print(f"{'out of date' if args.check else 'wrote'}: {path.relative_to(config.repo_root())}")
         return 1 if args.check and stale else 0
+
+    if args.command == "compare":
+        from course_utils import compare, config
+
+        start = time.perf_counter()
+        rows = compare.run(args.model, args.device, args.only)
+        files = compare.write(rows, args.out or config.repo_root() / "build" / "compare")
+        print(compare.to_markdown(rows))
+        print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s; written: " + ", ".join(str(p) for p in files.values()))
+        return 0
 
     if args.command == "doctor":
         from course_utils import doctor

@@ -261,5 +261,5 @@ def _nothing_fits(params, memory_gb, kv_cache_gb, max_loss_pct, options) -> str:
     else:
         fits = f"the KV cache alone ({kv_cache_gb:g} GB) leaves no room" if room <= 0 else \
             f"no candidate is within {max_loss_pct:g} % loss: raise max_loss_pct"
-    return (f"a {params / 1e9:g}B model does not fit in {memory_gb:g} GB within {max_loss_pct:g} % loss: even "
+    return (f"{params / 1e9:g}B parameters do not fit in {memory_gb:g} GB within {max_loss_pct:g} % loss: even "
             f"{smallest.name} needs {need:.1f} GB; {fits}")

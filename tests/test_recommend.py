@@ -67,7 +67,7 @@ def test_batched_serving_turns_compute_bound_and_fp8_overtakes_weight_only_int4(
 
 
 def test_impossible_budgets_and_bad_input_say_what_would_fit():
-    with pytest.raises(ValueError, match=r"70B model does not fit in 8 GB .* models up to 10\.9B parameters fit as GGUF Q4_K_M"):
+    with pytest.raises(ValueError, match=r"70B parameters do not fit in 8 GB .* models up to 10\.9B parameters fit as GGUF Q4_K_M"):
         recommend("cpu", 8, 70e9)
     with pytest.raises(ValueError, match="KV cache alone"):
         recommend("datacenter_gpu", 80, 8e9, kv_cache_gb=90)

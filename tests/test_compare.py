@@ -1,0 +1,80 @@
+"""course_utils.compare: the table's rows, its outputs, and rows that cannot run."""
+
+import pytest
+
+from course_utils import compare
+from course_utils.compare import Row
+
+
+def _rows():
+    return [
+        Row("float", "fp32", "transformers", 538e6, 541e6, 32.0, 32.0, 11.73, 0.0, 0.0, 1.0, 214, 25.9, 0.0, "the reference"),
+        Row("RTN", "int4 g64", "course_utils.quant.rtn", 170e6, 175e6, 10.1, 4.25, 18.3, 56.0, 0.53, 0.66, 91, 9.7, 0.5),
+        Row("AWQ", "int4 g64", "course_utils.quant.awq", 170e6, 175e6, 10.1, 4.25, 14.1, 20.5, 0.20, 0.76, 90, 9.6, 40.0),
+        Row("GGUF", "Q4_0", "llama.cpp", 88e6, 88e6, 5.35, 4.5, 15.0, 28.1, 0.30, 0.73, 800, 205.0, 0.9),
+        Row("GPTQ", "int4 g64", "GPTQModel", note="not run: RuntimeError: gptqmodel is not installed"),
+    ]
+
+
+def test_markdown_has_a_line_per_row_and_blank_cells_for_what_was_not_measured():
+    text = compare.to_markdown(_rows())
+    lines = text.strip().splitlines()
+    assert len(lines) == 2 + 5 and lines[0].count("|") == len(compare.COLUMNS) + 1
+    assert "| GPTQ | int4 g64 | GPTQModel |  |  |" in text and "not run: RuntimeError" in text
+    assert "| AWQ | int4 g64 | course_utils.quant.awq | 170.0 | 175.0 | 10.10 | 4.25 | 14.10 | +20.5 | 0.200 | 76.0 |" in text
+
+
+def test_csv_round_trips_every_field(tmp_path):
+    path = compare.to_csv(_rows(), tmp_path / "t.csv")
+    back = compare.read_csv(path)
+    assert back == _rows()
+
+
+def test_pareto_front_keeps_rows_no_other_row_beats_on_both_axes():
+    front = compare.pareto(_rows(), "linear_bits")
+    assert [r.method for r in front] == ["AWQ", "float"]    # RTN and Q4_0 are beaten by AWQ at equal or fewer bits
+    fast = compare.pareto(_rows(), "gen_tps", lower_x_is_better=False)
+    assert [r.method for r in fast] == ["GGUF", "float"]   # float is faster than AWQ here and exact
+
+
+def test_plots_and_files_are_written(tmp_path):
+    files = compare.write(_rows(), tmp_path / "out")
+    assert {p.name for p in files.values()} == {"compare.csv", "compare.md", "quality_vs_size.png", "quality_vs_speed.png"}
+    assert all(p.stat().st_size > 0 for p in files.values())
+
+
+def test_a_row_that_cannot_run_stays_in_the_table_with_its_reason(monkeypatch):
+    def _gptqmodel_like(ctx):
+        raise RuntimeError("needs a CUDA GPU")
+
+    def factory():
+        return _gptqmodel_like
+
+    _gptqmodel_like.__qualname__ = "_gptqmodel.<locals>.build"
+    monkeypatch.setattr(compare, "row_specs", lambda: [("GPTQ", "int4 g64", factory())])
+    rows = compare.torch_rows(ctx=None, progress=None)
+    assert len(rows) == 1 and not rows[0].measured
+    assert rows[0].implementation == "GPTQModel" and rows[0].note == "not run: RuntimeError: needs a CUDA GPU"
+
+
+def test_the_command_line_writes_the_table(monkeypatch, tmp_path, capsys):
+    from course_utils.__main__ import main
+
+    monkeypatch.setattr(compare, "run", lambda model, device, only: _rows())
+    assert main(["compare", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "compare.csv").is_file() and "5 rows" in capsys.readouterr().out
+
+
+def test_every_method_of_the_course_has_a_row():
+    specs = compare.row_specs()
+    assert {m for m, _, _ in specs} == {"float", "RTN", "LLM.int8", "NF4", "GPTQ", "AWQ"}
+    assert len(specs) == 16 and set(compare.GGUF_TYPES) >= {"Q8_0", "Q6_K", "Q4_K_M", "Q4_0", "Q2_K"}
+
+
+@pytest.mark.slow
+def test_gguf_rows_for_another_model_say_why_they_are_not_run():
+    class Ctx:
+        model_name = "someone/model"
+
+    rows = compare.gguf_rows(Ctx())
+    assert rows and all("default model's GGUF export" in r.note for r in rows)
