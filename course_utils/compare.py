@@ -381,24 +381,35 @@ def pareto(rows: list[Row], x: str, lower_x_is_better: bool = True) -> list[Row]
 
 
 def plot(rows: list[Row], x: str, xlabel: str, path: str | Path | None = None, lower_x_is_better: bool = True, log_x: bool = False):
-    """KL against ``x`` for every measured row, the Pareto front as a line; saved to ``path`` if given."""
+    """KL against ``x`` for every measured row (one colour and marker per method), the Pareto front as a grey
+    line with its rows labelled; saved to ``path`` if given."""
     import matplotlib.pyplot as plt
 
+    methods = ["float", "RTN", "LLM.int8", "NF4", "GPTQ", "AWQ", "GGUF"]
+    style = {m: (plt.get_cmap("tab10")(i), marker) for i, (m, marker) in enumerate(zip(methods, "*osD^vP"))}
     measured = [r for r in rows if r.measured and getattr(r, x) is not None and r.kl_mean is not None]
     fig, ax = plt.subplots(figsize=(8, 5))
-    markers = dict(zip(["float", "RTN", "LLM.int8", "NF4", "GPTQ", "AWQ", "GGUF"], "*osD^vP"))
-    for r in measured:
-        ax.scatter(getattr(r, x), max(r.kl_mean, 1e-4), marker=markers.get(r.method, "o"), s=50,
-                   label=r.method if r.method not in ax.get_legend_handles_labels()[1] else None)
-        ax.annotate(f"{r.precision.split()[0]} {r.implementation.split()[0].replace('course_utils.quant.', 'own ')}",
-                    (getattr(r, x), max(r.kl_mean, 1e-4)), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for method in methods:
+        mine = [r for r in measured if r.method == method]
+        if mine:
+            colour, marker = style[method]
+            ax.scatter([getattr(r, x) for r in mine], [max(r.kl_mean, 1e-4) for r in mine], color=colour,
+                       marker=marker, s=50, label=method)
     front = pareto(rows, x, lower_x_is_better)
     ax.plot([getattr(r, x) for r in front], [max(r.kl_mean, 1e-4) for r in front], color="grey", lw=1, zorder=0)
+    for r in front:
+        who = r.implementation.split()[0].replace("course_utils.quant.", "own ")
+        ax.annotate(f"{r.method} {r.precision.split()[0]} ({who})", (getattr(r, x), max(r.kl_mean, 1e-4)),
+                    fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_yscale("log")
     if log_x:
-        ax.set_xscale("log")
+        from matplotlib.ticker import ScalarFormatter
+
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel("mean KL to the float model (nats, log scale; float drawn at 1e-4)")
+    ax.set_title("every measured row; the grey line and the labels: the Pareto front", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     if path is not None:
@@ -415,7 +426,7 @@ def write(rows: list[Row], out_dir: str | Path) -> dict[str, Path]:
     files = {"csv": to_csv(rows, out / "compare.csv"), "md": out / "compare.md",
              "size": out / "quality_vs_size.png", "speed": out / "quality_vs_speed.png"}
     files["md"].write_text(to_markdown(rows))
-    for key, (x, label, lower, log_x) in {"size": ("linear_bits", "bits per weight of the Linear layers", True, False),
+    for key, (x, label, lower, log_x) in {"size": ("linear_bits", "bits per weight of the Linear layers (log scale)", True, True),
                                          "speed": ("gen_tps", "generation tokens/s", False, True)}.items():
         plt.close(plot(rows, x, label, files[key], lower, log_x))
     return files

@@ -35,8 +35,16 @@ def test_chat_is_deterministic(default_model):
     assert a and a == models.chat(model, tok, "Name a colour.", max_new_tokens=8)
 
 
-def test_unknown_model_offline_gives_one_clear_message(monkeypatch):
+@pytest.fixture()
+def offline(monkeypatch):
+    """The Hugging Face hub client in offline mode (it reads HF_HUB_OFFLINE once, at import: patch both)."""
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_unknown_model_offline_gives_one_clear_message(offline):
     with pytest.raises(models.ModelNotAvailableError, match="COURSE_MODEL=default"):
         models.load_model("no-such-org/no-such-model-xyz", "cpu")
 
@@ -50,8 +58,7 @@ def test_parameter_and_byte_counts_on_a_tied_toy():
     assert models.model_bytes(toy) == 160
 
 
-def test_model_dir_is_a_local_folder_or_one_clear_message(monkeypatch):
+def test_model_dir_is_a_local_folder_or_one_clear_message(offline):
     assert (models.model_dir("default") / "model.safetensors").is_file()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(models.ModelNotAvailableError, match="not in the local Hugging Face cache"):
         models.model_dir("no-such-org/no-such-model-xyz")
