@@ -62,7 +62,9 @@ class Option:
     evidence: str = ""
 
 
-def _gguf_options(apple: bool) -> list[Option]:
+def gguf_options(apple: bool) -> list[Option]:
+    """llama.cpp's GGUF types as candidates for a CPU (or, ``apple``, a Mac): bits and loss from llama.cpp's
+    Llama-3-8B table."""
     f16_gib = anchors.LLAMACPP_LLAMA3_8B["F16"][0]
     engine = "llama.cpp with Metal, or Ollama / LM Studio (which run it)" if apple else "llama.cpp, or Ollama (which runs it)"
     out = []
@@ -75,7 +77,8 @@ def _gguf_options(apple: bool) -> list[Option]:
     return out
 
 
-def _gpu_options(fp8: bool) -> list[Option]:
+def gpu_options(fp8: bool) -> list[Option]:
+    """The candidates on an NVIDIA GPU: BF16, 8-bit W8A8 (FP8 if ``fp8``, else INT8) and AWQ INT4 (W4A16)."""
     awq_loss = max(anchors.increase_pct(t, "AWQ int4") for t in anchors.AWQ_LLAMA2.values())
     int8_high = anchors.RULES_OF_THUMB["INT8"]["loss_pct"][1]
     eight = (Option("FP8 W8A8", 8.0, int8_high, "compressed-tensors FP8 (llm-compressor)", "vLLM or TGI", True,
@@ -185,7 +188,7 @@ def recommend(
     if fine_tune:
         return _qlora(hardware_class, memory_gb, params, kv_cache_gb, reasons)
     batch = batch_size if goal == "throughput" else 1
-    options = _gguf_options(hardware_class == "apple") if compute is None else _gpu_options(compute[1])
+    options = gguf_options(hardware_class == "apple") if compute is None else gpu_options(compute[1])
     scored, alternatives = [], []
     for o in options:
         weight_gb = params * o.bits / 8 / 1e9

@@ -46,16 +46,10 @@ def test_quant_linear_runs_on_cuda():
     assert torch.allclose(q(x), x @ q.dequantized_weight().T + linear.bias, atol=1e-4)
 
 
-def test_default_model_perplexity_on_cuda_matches_cpu():
-    from course_utils import data, evaluate, models
+def test_default_model_perplexity_on_cuda_matches_cpu(default_on_cuda):
+    from course_utils import evaluate, models
 
-    try:
-        models.default_gguf_path()
-    except models.ModelNotAvailableError as err:
-        pytest.skip(str(err))
-    cpu_model, tok = models.load_model("default", "cpu")
-    gpu_model, _ = models.load_model("default", "cuda")
-    windows = data.evaluation_windows(tok, max_windows=2)
+    _, _, windows, gpu_ppl = default_on_cuda
+    cpu_model, _ = models.load_model("default", "cpu")
     cpu_ppl = evaluate.perplexity(cpu_model, windows).value
-    gpu_ppl = evaluate.perplexity(gpu_model, windows).value
     assert abs(gpu_ppl / cpu_ppl - 1) < 0.005

@@ -12,20 +12,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 GPU_KERNEL_WORDS = ("Marlin", "Exllama", "Triton", "Fused", "Machete", "BitBLAS")
 
 
-@pytest.fixture(scope="module")
-def default_on_cuda():
-    """(model on CUDA, tokenizer, 2 evaluation windows, float perplexity) of the offline default model."""
-    from course_utils import data, evaluate, models
-
-    try:
-        models.default_gguf_path()
-    except models.ModelNotAvailableError as err:
-        pytest.skip(str(err))
-    model, tok = models.load_model("default", "cuda")
-    windows = data.evaluation_windows(tok, max_windows=2)
-    return model, tok, windows, evaluate.perplexity(model, windows).value
-
-
 @pytest.mark.parametrize("bits,quant_type,limit", [(8, "nf4", 0.03), (4, "nf4", 0.5), (4, "fp4", 1.0)])
 def test_bitsandbytes_runs_on_cuda_and_costs_what_lesson_06_says(default_on_cuda, bits, quant_type, limit):
     from course_utils import evaluate
