@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from course_utils import config, data, evaluate, models, timing
+from course_utils import cache, config, data, evaluate, models, timing
 
 PROMPT = "Explain in one paragraph why a smaller model file can generate text faster."
 NEW_TOKENS = 16
@@ -128,11 +128,13 @@ def _ours(method: str, cfg) -> Callable:
         from course_utils.quant import gptq_format, methods
 
         cal = ctx.calibration if method != "rtn" else None
-        m, extra, _ = methods.quantized_copy(ctx.model, method, cfg, ctx.model_name, cal)
-        out = config.cache_dir() / "compare" / f"{ctx.model_name.replace('/', '--')}-{method}-{cfg.bits}-{cfg.group_size}"
+        m, report, _ = methods.quantized_copy(ctx.model, cfg, ctx.model_name, cal)
+        description = {"model": ctx.model_name, "config": repr(cfg), "calibration": None if cal is None else methods.calibration_id(cal)}
+        out = cache.entry("compare", f"{ctx.model_name.replace('/', '--')}-{method}", description,
+                          code=(methods.METHODS[type(cfg)][0].__name__, gptq_format.__name__))
         if not (out / "config.json").is_file():
             gptq_format.save_gptq_checkpoint(m, ctx.tokenizer, out)
-        return m, extra["seconds"], folder_bytes(out), f"course_utils.quant.{method}", "on disk: GPTQ checkpoint layout"
+        return m, report.seconds, folder_bytes(out), f"course_utils.quant.{method}", "on disk: GPTQ checkpoint layout"
     return build
 
 
@@ -143,9 +145,9 @@ def _own_layers(kind: str) -> Callable:
         m = copy.deepcopy(ctx.model)
         start = time.perf_counter()
         if kind == "int8":
-            llm_int8.quantize_model_int8(m)
+            llm_int8.quantize_model(m, llm_int8.Int8Config())
         else:
-            nf4.quantize_model_4bit(m, "nf4", 64)
+            nf4.quantize_model(m, nf4.NF4Config("nf4", 64))
         module = "llm_int8" if kind == "int8" else "nf4"
         return m, time.perf_counter() - start, None, f"course_utils.quant.{module}", "quantized when loaded: no file format"
     return build

@@ -1,15 +1,12 @@
-"""Number formats: bit layouts, representable values, rounding, bytes per parameter, memory.
+"""Number formats: bit layouts, representable values, rounding, level tables.
 
 A number format decides two things about every weight: how many bytes it costs, and which values it
 can hold. This module describes the formats the course uses as small frozen dataclasses
 (:class:`NumberFormat`), decodes single values bit by bit (:func:`decode_bits`), lists every value a
-small format can hold (:func:`representable_values`), rounds tensors to a format
-(:func:`round_to_format`) and turns parameter counts into bytes (:func:`memory_estimate`,
-:func:`memory_table`). Float rounding is done by torch's own dtypes; the bit arithmetic is done here
-by hand and checked against torch on every call.
-
-Conventions: GB means 1e9 bytes (as model cards and spec sheets use it); "bits per parameter" includes
-the per-group scales of group-wise formats.
+small format can hold (:func:`representable_values`) and rounds tensors to a format
+(:func:`round_to_format`). Float rounding is done by torch's own dtypes; the bit arithmetic is done here
+by hand and checked against torch on every call. The 4-bit level tables of NF4 and of bitsandbytes' FP4
+live here too. What a format costs in bytes is :mod:`course_utils.memory`'s business.
 """
 
 from __future__ import annotations
@@ -17,11 +14,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Mapping, Sequence
 
 import torch
-
-GB = 1e9  # bytes in a gigabyte, as model sizes are quoted
 
 # The 16 NF4 ("4-bit NormalFloat") levels from QLoRA (Dettmers, Pagnoni, Holtzman & Zettlemoyer,
 # "QLoRA: Efficient Finetuning of Quantized LLMs", 2023), as tabulated in bitsandbytes. They are
@@ -45,6 +39,13 @@ NF4_LEVELS: tuple[float, ...] = (
     0.7229568362236023,
     1.0,
 )
+
+# bitsandbytes' FP4 levels in code order (code = sign bit, then 3 bits). The magnitudes are those of an
+# E2M1 float, {0, 1, 1.5, 2, 3, 4, 6} / 6, except that the smallest non-zero magnitude is 1/192 instead of
+# 0.5/6: this is the table bitsandbytes uses (its bit layout orders the exponents differently from
+# IEEE-style E2M1, so code 0b011 is 1.0 and 0b110 is 1/6). Codes 8-15 are the negatives of codes 0-7.
+_FP4_POSITIVE = (0.0, 1 / 192, 4 / 6, 6 / 6, 2 / 6, 3 / 6, 1 / 6, 1.5 / 6)
+FP4_LEVELS: tuple[float, ...] = _FP4_POSITIVE + tuple(-v for v in _FP4_POSITIVE)
 
 
 @dataclass(frozen=True)
@@ -338,93 +339,3 @@ def relative_error(tensor: torch.Tensor, fmt: str | NumberFormat) -> float:
     unitless; 0.01 means the error is 1% of the tensor's size)."""
     x = tensor.detach().to(torch.float32)
     return float(torch.linalg.vector_norm(round_to_format(x, fmt) - x) / torch.linalg.vector_norm(x))
-
-
-# ----------------------------------------------------------------------------------------------
-# Bytes and memory.
-
-
-def bytes_per_parameter(name: str | NumberFormat, group_size: int | None = None, scale_bits: int = 16) -> float:
-    """Bytes each parameter costs in ``name``, scales included: (bits + scale_bits / group_size) / 8.
-    With ``group_size`` (weights sharing one scale; formats of 8 bits or fewer) each group adds one
-    scale of ``scale_bits`` bits: INT4 with groups of 128 and FP16 scales costs 4.125 bits = 0.515625
-    bytes. Without it, the per-tensor scale is negligible and ignored. Raises ValueError for a
-    non-positive group size or scale width, or a group size on a 16/32-bit float format."""
-    fmt = get_format(name)
-    bits = float(fmt.bits)
-    if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-            raise ValueError(f"group_size must be a positive integer (e.g. 32, 64, 128) or None, got {group_size!r}")
-        if fmt.bits > 8:
-            raise ValueError(f"{fmt.name} is stored without group scales; use group_size=None (group sizes apply to formats of 8 bits or fewer)")
-        if scale_bits <= 0:
-            raise ValueError(f"scale_bits must be positive (16 for FP16 scales, 32 for FP32), got {scale_bits!r}")
-        bits += scale_bits / group_size
-    return bits / 8
-
-
-def memory_estimate(n_params: float, fmt: str | NumberFormat, group_size: int | None = None, kv_cache_bytes: float = 0, scale_bits: int = 16) -> float:
-    """Bytes needed to hold ``n_params`` parameters in ``fmt`` (with group scales, see
-    :func:`bytes_per_parameter`; ``scale_bits`` per group scale) plus ``kv_cache_bytes`` for the attention cache. Weights only: no
-    activations or framework overhead. Raises ValueError for a non-positive parameter count or a
-    negative KV-cache size."""
-    if not n_params > 0:
-        raise ValueError(f"n_params must be a positive number of parameters (e.g. 7e9 for a 7B model), got {n_params!r}")
-    if not kv_cache_bytes >= 0:
-        raise ValueError(f"kv_cache_bytes must be zero or positive, got {kv_cache_bytes!r}")
-    return n_params * bytes_per_parameter(fmt, group_size, scale_bits) + kv_cache_bytes
-
-
-def params_label(n_params: float) -> str:
-    """A short label for a parameter count: 134_515_008 -> "135M", 7e9 -> "7B", 4.05e11 -> "405B"."""
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n_params >= size:
-            return f"{n_params / size:.3g}{unit}"
-    return f"{n_params:.0f}"
-
-
-@dataclass(frozen=True)
-class MemoryTable:
-    """Weight memory in GB (1e9 bytes) for several models (``rows``: labels, ``params``: counts) in
-    several formats (``columns``); ``gb[i][j]`` is model i in format j."""
-
-    rows: tuple[str, ...]
-    params: tuple[float, ...]
-    columns: tuple[str, ...]
-    gb: tuple[tuple[float, ...], ...]
-
-    def value(self, row: str, column: str) -> float:
-        """GB for the model labelled ``row`` in format ``column``."""
-        return self.gb[self.rows.index(row)][self.columns.index(column)]
-
-    def to_text(self, decimals: int = 2) -> str:
-        """The table as aligned plain text (GB with ``decimals`` decimals)."""
-        head = ["model", "params", *[f"{c} GB" for c in self.columns]]
-        body = [[r, f"{p:,.0f}", *[f"{v:,.{decimals}f}" for v in vals]] for r, p, vals in zip(self.rows, self.params, self.gb)]
-        widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
-        lines = [head, *body]
-        return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))) for line in lines)
-
-    def __str__(self) -> str:
-        return self.to_text()
-
-
-def memory_table(
-    model_sizes: Mapping[str, float] | Sequence[float],
-    formats: Sequence[str] = ("fp32", "fp16", "int8", "int4", "int3"),
-    group_size: int | None = None,
-    scale_bits: int = 16,
-) -> MemoryTable:
-    """Weight memory (GB = 1e9 bytes) of each model size in each format. ``model_sizes`` maps labels
-    to parameter counts, or is a list of counts (labelled by :func:`params_label`). ``group_size``
-    applies to the formats of 8 bits or fewer only. 70B gives FP32 280, FP16 140, INT8 70, INT4 35,
-    INT3 26.25 GB."""
-    sizes = dict(model_sizes) if isinstance(model_sizes, Mapping) else {params_label(n): n for n in model_sizes}
-    if not sizes:
-        raise ValueError("model_sizes is empty; give parameter counts such as [7e9, 70e9] or {'70B': 70e9}")
-    fmts = [get_format(f) for f in formats]
-    gb = tuple(
-        tuple(memory_estimate(n, f, group_size if f.bits <= 8 else None, 0, scale_bits) / GB for f in fmts)
-        for n in sizes.values()
-    )
-    return MemoryTable(tuple(sizes), tuple(float(n) for n in sizes.values()), tuple(f.name for f in fmts), gb)

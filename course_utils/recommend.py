@@ -8,7 +8,7 @@
 2. *Expected quality loss* of each candidate, from published results on 7B-70B models
    (:mod:`course_utils.anchors`: llama.cpp's Llama-3-8B table, the AWQ paper's Llama-2 table, the rules of
    thumb). Small models lose much more (lessons 07-10 measure it); below 2B parameters the result says so.
-3. *Memory.* ``parameters x bits / 8`` (:mod:`course_utils.formats`), plus :data:`OVERHEAD` for activations
+3. *Memory.* ``parameters x bits / 8`` (:func:`course_utils.memory.weight_gb`), plus :data:`OVERHEAD` for activations
    and buffers, plus the KV cache you expect: a candidate fits if that is within the budget.
 4. *Speed, from the roofline (lesson 03).* One decode step of a batch of ``B`` sequences reads every weight
    once and does ``2 B P`` FLOPs, so it takes ``max(weight bytes / bandwidth, 2 B P / peak FLOPs)``;
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from course_utils import anchors, hardware, timing
+from course_utils import anchors, hardware, memory, timing
 
 HARDWARE_CLASSES = {
     "cpu": ("CPU only (laptop or server)", "DDR5-4800 dual channel"),
@@ -154,7 +154,7 @@ def _device(hardware_class: str, device: str | None) -> tuple[str, float, tuple[
 def step_tokens_per_s(params: float, bits: float, batch_size: int, bandwidth_gbps: float, tflops: float | None) -> float:
     """Ideal decode tokens/s of a batch: ``batch / max(weight bytes / bandwidth, 2 * batch * params / FLOPs)``
     (``tflops`` None: bandwidth only)."""
-    read_s = 1 / timing.speed_of_light_tokens_per_s(params * bits / 8, bandwidth_gbps)
+    read_s = 1 / timing.speed_of_light_tokens_per_s(memory.weight_gb(params, bits) * memory.GB, bandwidth_gbps)
     compute_s = 2 * batch_size * params / (tflops * 1e12) if tflops else 0.0
     return batch_size / max(read_s, compute_s)
 
@@ -191,7 +191,7 @@ def recommend(
     options = gguf_options(hardware_class == "apple") if compute is None else gpu_options(compute[1])
     scored, alternatives = [], []
     for o in options:
-        weight_gb = params * o.bits / 8 / 1e9
+        weight_gb = memory.weight_gb(params, o.bits)
         need = weight_gb * (1 + OVERHEAD) + kv_cache_gb
         tflops = None if compute is None else compute[0] * (2 if o.w8a8 else 1)
         tps = step_tokens_per_s(params, o.bits, batch, bandwidth, tflops)
@@ -233,8 +233,8 @@ def recommend(
 
 
 def _qlora(hardware_class, memory_gb, params, kv_cache_gb, reasons) -> Recommendation:
-    bits = 4.127  # NF4 in blocks of 64 with double-quantized scales (lesson 06)
-    weight_gb = params * bits / 8 / 1e9
+    bits = memory.blockwise_4bit_bits(64, double_quant=True)  # NF4 as QLoRA stores it (lesson 06)
+    weight_gb = memory.weight_gb(params, bits)
     need = weight_gb * 1.5 + kv_cache_gb  # LoRA adapters, their optimizer state, activations for backprop
     if not hardware_class.endswith("gpu"):
         raise ValueError("QLoRA fine-tuning needs an NVIDIA GPU (bitsandbytes' 4-bit training kernels are CUDA code); "
@@ -254,7 +254,7 @@ def _qlora(hardware_class, memory_gb, params, kv_cache_gb, reasons) -> Recommend
 
 def _nothing_fits(params, memory_gb, kv_cache_gb, max_loss_pct, options) -> str:
     smallest = min(options, key=lambda o: o.bits)
-    need = params * smallest.bits / 8 / 1e9 * (1 + OVERHEAD) + kv_cache_gb
+    need = memory.weight_gb(params, smallest.bits) * (1 + OVERHEAD) + kv_cache_gb
     acceptable = [o for o in options if o.loss_pct <= max_loss_pct]
     room = memory_gb - kv_cache_gb
     if acceptable and room > 0:

@@ -74,7 +74,7 @@ def plan_device(model: str, requested: str | None) -> tuple[str, list[str]]:
     """
     import torch
 
-    from course_utils import formats, hardware, models
+    from course_utils import hardware, memory, models
 
     messages = []
     choice = (requested or os.environ.get("COURSE_DEVICE", "").strip() or "auto").lower()
@@ -90,17 +90,17 @@ def plan_device(model: str, requested: str | None) -> tuple[str, list[str]]:
             messages.append(f"could not check that {model} fits on the GPU before loading it: {err}")
             return device, messages
         total = sum(g.memory_gib for g in hardware.gpus()) * 2**30
-        need = formats.memory_estimate(n_params, "bf16") * hardware.GPU_HEADROOM
+        need = memory.memory_estimate(n_params, "bf16") * hardware.GPU_HEADROOM
         if need > total:
-            fits = [f for f in ("int8", "int4") if formats.memory_estimate(n_params, f, None if f == "int8" else 128) * hardware.GPU_HEADROOM <= total]
+            fits = [f for f in ("int8", "int4") if memory.memory_estimate(n_params, f, None if f == "int8" else 128) * hardware.GPU_HEADROOM <= total]
             hint = (f"stored in {fits[0].upper()} it would fit: a pre-quantized checkpoint of it, or a smaller model"
                     if fits else "even at 4 bits it would not: choose a smaller model or more GPUs")
             raise ValueError(
-                f"{model} has {formats.params_label(n_params)} parameters: about {need / 1e9:.0f} GB in 16-bit with "
+                f"{model} has {memory.params_label(n_params)} parameters: about {need / 1e9:.0f} GB in 16-bit with "
                 f"working room ({hardware.GPU_HEADROOM}x the weights), more than the {total / 1e9:.0f} GB of the "
                 f"{len(hardware.gpus())} visible GPU(s); {hint}"
             )
-        messages.append(f"{model}: {formats.params_label(n_params)} parameters, about {need / 1e9:.1f} GB in 16-bit "
+        messages.append(f"{model}: {memory.params_label(n_params)} parameters, about {need / 1e9:.1f} GB in 16-bit "
                         f"with working room, on {total / 1e9:.0f} GB of GPU memory")
     return device, messages
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from course_utils.formats import FORMATS, GB, get_format, memory_estimate
+from course_utils.formats import FORMATS, get_format
+from course_utils.memory import GB, memory_estimate
 
 
 @dataclass(frozen=True)

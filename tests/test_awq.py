@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from course_utils.quant import awq, rtn
+from course_utils.quant import awq, awq_layout, rtn
+from course_utils.quant import salient as salient_mod
+from course_utils.quant.activations import InputStats, input_statistics
 from course_utils.quant.layerwise import layer_inputs, run_layer
 from course_utils.quant.linear import QuantLinear, RTNConfig, quantize_model
 
@@ -62,7 +64,7 @@ def test_folding_scales_leaves_the_float_model_unchanged(heads, kv_heads, bias):
     before = logits(model)
     gen = torch.Generator().manual_seed(3)
     for i, layer in enumerate(model.model.layers):
-        awq._random_fold(layer, f"model.layers.{i}", gen)
+        awq_layout.random_fold(layer, f"model.layers.{i}", gen)
     assert not torch.equal(model.model.layers[0].input_layernorm.weight, tiny_llama(heads=heads, kv_heads=kv_heads, bias=bias).model.layers[0].input_layernorm.weight)
     torch.testing.assert_close(logits(model), before, rtol=1e-4, atol=1e-4)
 
@@ -70,15 +72,15 @@ def test_folding_scales_leaves_the_float_model_unchanged(heads, kv_heads, bias):
 def test_o_proj_scales_are_shared_by_the_heads_that_read_one_value_head():
     model = tiny_llama()  # 4 heads of 16 share 2 key/value heads: heads 0,1 read kv 0; heads 2,3 read kv 1
     layer = model.model.layers[0]
-    expand = awq._attention_expand(layer, "model.layers.0")
+    expand = awq_layout.attention_expand(layer, "model.layers.0")
     assert expand.tolist() == [c % 16 + 16 * (c // 32) for c in range(64)]
     # the tempting "channel c reads v channel c mod 32" is wrong with GQA: the float output changes
     before = logits(model)
     s = torch.linspace(0.5, 2.0, 32)
     wrong = copy.deepcopy(model)
-    awq.fold_scales(wrong.model.layers[0].self_attn.v_proj, [wrong.model.layers[0].self_attn.o_proj], s, torch.arange(64) % 32)
+    awq_layout.fold_scales(wrong.model.layers[0].self_attn.v_proj, [wrong.model.layers[0].self_attn.o_proj], s, torch.arange(64) % 32)
     assert (logits(wrong) - before).abs().max() > 1e-3
-    awq.fold_scales(layer.self_attn.v_proj, [layer.self_attn.o_proj], s, expand)
+    awq_layout.fold_scales(layer.self_attn.v_proj, [layer.self_attn.o_proj], s, expand)
     torch.testing.assert_close(logits(model), before, rtol=1e-4, atol=1e-4)
 
 
@@ -87,7 +89,7 @@ def test_o_proj_scales_are_shared_by_the_heads_that_read_one_value_head():
 
 def test_scale_search_beats_rtn_where_some_channels_are_salient():
     x, salient = salient_inputs()
-    stats = awq.InputStats.from_inputs(x)
+    stats = InputStats.from_inputs(x)
     torch.testing.assert_close(stats.mean_abs, x.abs().mean(0))
     torch.testing.assert_close(stats.gram, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-3)
     for symmetric in (True, False):
@@ -111,12 +113,12 @@ def test_normalized_scales_straddle_one_and_alpha_zero_is_rtn():
     assert float(s.max() * s.min()) == pytest.approx(1.0) and (s > 0).all()
     assert torch.equal(awq.normalized_scales(m, 0.0), torch.ones(4))
     x, _ = salient_inputs(512, 256, boost=1.0)  # nothing salient: round-to-nearest may well be the best
-    found = awq.search_scale([W[:40], W[40:]], awq.InputStats.from_inputs(x), 4, 64, n_grid=5)
+    found = awq.search_scale([W[:40], W[40:]], InputStats.from_inputs(x), 4, 64, n_grid=5)
     assert found.alpha in (0.0, 0.2, 0.4, 0.6, 0.8) and found.error <= found.rtn_error
     with pytest.raises(ValueError, match="n_grid"):
         awq.alpha_grid(0)
     with pytest.raises(ValueError, match="128 features"):
-        awq.search_scale(W, awq.InputStats.from_inputs(x[:, :128]))
+        awq.search_scale(W, InputStats.from_inputs(x[:, :128]))
 
 
 def test_clip_search_picks_a_ratio_per_group_and_lowers_the_output_error():
@@ -139,7 +141,7 @@ def test_awq_quantizes_a_tiny_llama_and_beats_rtn():
     model = tiny_llama()
     reference = copy.deepcopy(model)
     config = awq.AWQConfig(4, 32)
-    report = awq.awq_quantize_model(model, CAL, config, progress=False, batch_size=3)
+    report = awq.quantize_model(model, config, CAL, progress=False, batch_size=3)
     layers = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     assert len(layers) == report.n_layers == 14 and set(layers) == set(report.clip_ratio)
     assert type(model.lm_head) is nn.Linear and report.n_tokens == 256
@@ -157,13 +159,13 @@ def test_awq_quantizes_a_tiny_llama_and_beats_rtn():
     assert torch.isfinite(out).all()
     assert (out - ref).pow(2).mean() < 0.9 * (out_rtn - ref).pow(2).mean()
     with pytest.raises(ValueError, match="already quantized"):
-        awq.awq_quantize_model(model, CAL, config, progress=False)
+        awq.quantize_model(model, config, CAL, progress=False)
 
 
 def test_groups_can_be_left_unscaled():
     model = tiny_llama()
     config = awq.AWQConfig(4, 32, clip=False, groups=("qkv",))
-    report = awq.awq_quantize_model(model, CAL, config, progress=False)
+    report = awq.quantize_model(model, config, CAL, progress=False)
     assert set(report.alpha) == {"model.layers.0.qkv", "model.layers.1.qkv"} and "only for" in report.notes[0]
     assert set(report.clipped.values()) == {0.0} and config.label() == "awq int4 g32 sym scales:qkv"
 
@@ -172,19 +174,19 @@ def test_bad_input_is_refused_before_anything_changes():
     model = tiny_llama()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=r"100 tokens .* fewer than AWQ's minimum of 256"):
-        awq.awq_quantize_model(model, torch.randint(0, 256, (2, 50)), progress=False)
+        awq.quantize_model(model, calibration=torch.randint(0, 256, (2, 50)), progress=False)
     with pytest.raises(ValueError, match="token ids"):
-        awq.awq_quantize_model(model, torch.randn(8, 32), progress=False)
+        awq.quantize_model(model, calibration=torch.randn(8, 32), progress=False)
     with pytest.raises(ValueError, match="does not divide"):
-        awq.awq_quantize_model(model, CAL, awq.AWQConfig(group_size=48), progress=False)
+        awq.quantize_model(model, awq.AWQConfig(group_size=48), CAL, progress=False)
     with pytest.raises(ValueError, match="per tensor"):
-        awq.awq_quantize_model(model, CAL, awq.AWQConfig(group_size="tensor"), progress=False)
+        awq.quantize_model(model, awq.AWQConfig(group_size="tensor"), CAL, progress=False)
     with pytest.raises(ValueError, match="bits"):
-        awq.awq_quantize_model(model, CAL, awq.AWQConfig(bits=1), progress=False)
+        awq.quantize_model(model, awq.AWQConfig(bits=1), CAL, progress=False)
     with pytest.raises(ValueError, match="unknown AWQ groups"):
-        awq.awq_quantize_model(model, CAL, awq.AWQConfig(groups=("qkv", "lm_head")), progress=False)
+        awq.quantize_model(model, awq.AWQConfig(groups=("qkv", "lm_head")), CAL, progress=False)
     with pytest.raises(ValueError, match="model.model.layers"):
-        awq.awq_quantize_model(nn.Sequential(nn.Linear(4, 4)), CAL, progress=False)
+        awq.quantize_model(nn.Sequential(nn.Linear(4, 4)), calibration=CAL, progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
@@ -214,17 +216,17 @@ def test_unsupported_architectures_are_named_not_silently_broken():
     for layer in model.model.layers:
         layer.mlp = _FusedMLP()
     with pytest.raises(ValueError, match=r"model.layers.0 \(LlamaDecoderLayer\) has no module 'mlp.gate_proj'"):
-        awq.awq_quantize_model(model, CAL, progress=False)
+        awq.quantize_model(model, calibration=CAL, progress=False)
     model = tiny_llama()
     model.model.layers[1].mlp.extra = nn.Linear(4, 4)
     with pytest.raises(ValueError, match=r"outside the Llama layout.*mlp.extra"):
-        awq.awq_quantize_model(model, CAL, progress=False)
+        awq.quantize_model(model, calibration=CAL, progress=False)
     model = tiny_llama()
     for layer in model.model.layers:
         layer.input_layernorm = _OnePlusNorm(layer.input_layernorm)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=r"model.layers.0: folding the AWQ scales changed the float layer's output"):
-        awq.awq_quantize_model(model, CAL, progress=False)
+        awq.quantize_model(model, calibration=CAL, progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # found on a copy
 
 
@@ -233,30 +235,29 @@ def test_unsupported_architectures_are_named_not_silently_broken():
 
 def test_salient_channels_by_each_criterion():
     x, salient = salient_inputs(512)
-    by_act = awq.salient_channels(W, 8 / 256, "activation", x.abs().mean(0))
+    by_act = salient_mod.salient_channels(W, 8 / 256, "activation", x.abs().mean(0))
     assert by_act.tolist() == sorted(salient.tolist())
     w = W.clone()
     w[:, [3, 200]] *= 10
-    assert awq.salient_channels(w, 2 / 256, "weight").tolist() == [3, 200]
-    rand = awq.salient_channels(W, 0.1, "random", generator=torch.Generator().manual_seed(0))
+    assert salient_mod.salient_channels(w, 2 / 256, "weight").tolist() == [3, 200]
+    rand = salient_mod.salient_channels(W, 0.1, "random", generator=torch.Generator().manual_seed(0))
     assert len(rand) == round(25.6) and len(set(rand.tolist())) == 26
-    assert awq.salient_channels(W, 0.0, "weight").numel() == 0
+    assert salient_mod.salient_channels(W, 0.0, "weight").numel() == 0
     with pytest.raises(ValueError, match="criterion"):
-        awq.salient_channels(W, 0.01, "gradient")
+        salient_mod.salient_channels(W, 0.01, "gradient")
     with pytest.raises(ValueError, match="mean_abs"):
-        awq.salient_channels(W, 0.01, "activation")
+        salient_mod.salient_channels(W, 0.01, "activation")
     with pytest.raises(ValueError, match="fraction"):
-        awq.salient_channels(W, 1.5, "weight")
+        salient_mod.salient_channels(W, 1.5, "weight")
 
 
-@pytest.mark.parametrize("criterion", awq.CRITERIA)
+@pytest.mark.parametrize("criterion", salient_mod.CRITERIA)
 def test_keep_channels_float_keeps_exactly_the_requested_columns(criterion):
-    from course_utils.quant.activations import input_statistics
 
     model = tiny_llama()
     original = {n: m.weight.detach().clone() for n, m in model.named_modules() if type(m) is nn.Linear and n != "lm_head"}
     stats = input_statistics(model, CAL) if criterion == "activation" else None
-    kept = awq.keep_channels_float(model, 0.05, criterion, 4, 32, stats)
+    kept = salient_mod.keep_channels_float(model, 0.05, criterion, 4, 32, stats)
     assert set(kept) == set(original)
     modules = dict(model.named_modules())
     for name, w in original.items():
@@ -269,24 +270,24 @@ def test_keep_channels_float_keeps_exactly_the_requested_columns(criterion):
         others[kept[name]] = False
         assert torch.equal(now[:, others], rtn.fake_quantize(w, 4, 32)[:, others])
         if criterion == "activation":
-            top = torch.topk(stats[name]["mean_abs"], n_keep).indices
+            top = torch.topk(stats[name].mean_abs, n_keep).indices
             assert set(kept[name].tolist()) == set(top.tolist())
     with pytest.raises(ValueError, match="input_statistics"):
-        awq.keep_channels_float(tiny_llama(), 0.01, "activation")
+        salient_mod.keep_channels_float(tiny_llama(), 0.01, "activation")
 
 
 def test_scaling_channels_before_rounding():
     x, salient = salient_inputs(1024)
     channels = torch.sort(salient).values
-    assert torch.equal(awq.scaled_fake_quantize(W, channels, 1.0), rtn.fake_quantize(W, 4, 64))
-    errors = {s: mse(W, awq.scaled_fake_quantize(W, channels, s), x) for s in (1.0, 2.0)}
+    assert torch.equal(salient_mod.scaled_fake_quantize(W, channels, 1.0), rtn.fake_quantize(W, 4, 64))
+    errors = {s: mse(W, salient_mod.scaled_fake_quantize(W, channels, s), x) for s in (1.0, 2.0)}
     assert errors[2.0] < errors[1.0]  # the paper's point: scaling salient channels up protects them
     model = tiny_llama()
-    chosen = awq.scale_channels(model, 0.05, 2.0, "weight", 4, 32)
+    chosen = salient_mod.scale_channels(model, 0.05, 2.0, "weight", 4, 32)
     w = model.model.layers[0].mlp.down_proj.weight
     assert len(chosen["model.layers.0.mlp.down_proj"]) == round(0.05 * 128) and torch.isfinite(w).all()
     with pytest.raises(ValueError, match="positive"):
-        awq.scaled_fake_quantize(W, channels, 0.0)
+        salient_mod.scaled_fake_quantize(W, channels, 0.0)
 
 
 @pytest.mark.slow
@@ -302,7 +303,7 @@ def test_awq_search_beats_rtn_on_a_real_layer(default_model):
         for hidden, kwargs in inputs:
             run_layer(layer, hidden, kwargs)
     handle.remove()
-    found = awq.search_scale(layer.mlp.down_proj.weight, awq.InputStats.from_inputs(torch.cat(seen)), 4, 64)
+    found = awq.search_scale(layer.mlp.down_proj.weight, InputStats.from_inputs(torch.cat(seen)), 4, 64)
     assert found.error < 0.5 * found.rtn_error  # about 0.24 on layer 2's down_proj (alpha 0.6)
 
 
@@ -314,8 +315,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_awq_quantizes_a_tiny_llama_on_cuda():
     cpu_model = tiny_llama()
     model = copy.deepcopy(cpu_model).cuda()
-    report = awq.awq_quantize_model(model, CAL, awq.AWQConfig(4, 32), progress=False)
-    cpu_report = awq.awq_quantize_model(cpu_model, CAL, awq.AWQConfig(4, 32), progress=False)
+    report = awq.quantize_model(model, awq.AWQConfig(4, 32), CAL, progress=False)
+    cpu_report = awq.quantize_model(cpu_model, awq.AWQConfig(4, 32), CAL, progress=False)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == report.n_layers == 14 and all(m.packed.is_cuda for m in layers)
     assert sum(a != b for a, b in zip(report.alpha.values(), cpu_report.alpha.values())) <= 2  # float sums differ a little

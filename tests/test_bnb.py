@@ -70,7 +70,7 @@ def test_load_quantized_default_model_nf4():
     model, _ = bnb.load_quantized(bnb.BnbSetting(4, "nf4"), "default", "cpu")
     assert bnb.quantized_layer_count(model) == 7 * model.config.num_hidden_layers
     with pytest.raises(ValueError, match="already quantized"):
-        llm_int8.quantize_model_int8(model)
+        llm_int8.quantize_model(model)
 
 
 def test_cpu_fast_paths_reports_two_flags():

@@ -10,17 +10,14 @@ import torch
 from course_utils.formats import (
     FORMATS,
     NF4_LEVELS,
-    bytes_per_parameter,
     decode_bits,
     format_range,
     get_format,
-    memory_estimate,
-    memory_table,
-    params_label,
     relative_error,
     representable_values,
     round_to_format,
 )
+from course_utils.memory import bytes_per_parameter, memory_estimate, memory_table, params_label
 from course_utils.widgets import memory_fit
 
 

@@ -68,7 +68,7 @@ def test_error_is_within_the_grid(fmt):
 def test_bits_per_weight():
     expected = {"Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5, "Q5_1": 6.0, "Q4_K": 4.5, "Q6_K": 6.5625}
     for fmt, bits in expected.items():
-        assert gb.bits_per_weight(fmt) == bits
+        assert gb.block_format(fmt).bits_per_weight == bits
         bs, nbytes = gguf.GGML_QUANT_SIZES[_qtype(fmt)]
         assert (gb.block_format(fmt).block_size, gb.block_format(fmt).block_bytes) == (bs, nbytes)
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from course_utils.quant import gptq, rtn
+from course_utils.quant.activations import InputStats
+from course_utils.quant import gptq, layerwise, rtn
 from course_utils.quant.linear import QuantLinear, RTNConfig, quantize_model
 
 
@@ -33,18 +34,20 @@ W = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
 
 def test_hessian_running_mean_equals_one_big_batch():
     x = correlated_inputs(300, 32)
-    h = gptq.Hessian(32)
+    h = InputStats(32, gram=True)
     for part in (x[:7], x[7:100], x[100:]):
         h.add(part.view(1, -1, 32))  # any leading shape: every row is a token
     assert h.n_tokens == 300
-    torch.testing.assert_close(h.matrix, hessian_of(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.hessian, hessian_of(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.mean_square, x.square().mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.hessian.diagonal(), 2 * h.mean_square, rtol=1e-4, atol=1e-6)
     lin = nn.Linear(32, 8)
-    h2 = gptq.Hessian(32)
+    h2 = InputStats(32, gram=True)
     handle = h2.attach(lin)
     lin(x[:50])
     handle.remove()
     lin(x[50:])  # not recorded any more
-    torch.testing.assert_close(h2.matrix, hessian_of(x[:50]))
+    torch.testing.assert_close(h2.hessian, hessian_of(x[:50]))
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -168,17 +171,17 @@ def tiny_llama(seed=0):
 def test_linear_groups_and_captured_layer_inputs_of_a_llama():
     model = tiny_llama()
     ids = torch.randint(0, 256, (3, 16))
-    inputs = gptq._layer_inputs(model, model.model.layers[0], ids, batch_size=2)
+    inputs = layerwise.layer_inputs(model, model.model.layers[0], ids, batch_size=2)
     assert [h.shape for h, _ in inputs] == [(2, 16, 64), (1, 16, 64)]
-    assert gptq.linear_groups(model.model.layers[0], *inputs[0]) == [
+    assert layerwise.linear_groups(model.model.layers[0], *inputs[0]) == [
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
         ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"],
     ]
     # running layer 0 on its captured inputs gives what the model feeds layer 1
-    second = gptq._layer_inputs(model, model.model.layers[1], ids, batch_size=2)
+    second = layerwise.layer_inputs(model, model.model.layers[1], ids, batch_size=2)
     with torch.no_grad():
         for (hidden, kwargs), (expected, _) in zip(inputs, second):
-            torch.testing.assert_close(gptq._run_layer(model.model.layers[0], hidden, kwargs), expected)
+            torch.testing.assert_close(layerwise.run_layer(model.model.layers[0], hidden, kwargs), expected)
 
 
 @pytest.mark.parametrize("true_sequential", [True, False])
@@ -187,7 +190,7 @@ def test_gptq_quantizes_a_tiny_llama_layer_by_layer(true_sequential):
     reference = copy.deepcopy(model)
     calibration = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
     config = gptq.GPTQConfig(4, 32, act_order=not true_sequential, true_sequential=true_sequential)
-    report = gptq.gptq_quantize_model(model, calibration, config, progress=False, batch_size=3)
+    report = gptq.quantize_model(model, config, calibration, progress=False, batch_size=3)
     layers = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     assert len(layers) == report.n_layers == 14 and set(layers) == set(report.losses)
     assert type(model.lm_head) is nn.Linear and report.n_tokens == 256 and report.notes == ()
@@ -201,19 +204,19 @@ def test_gptq_quantizes_a_tiny_llama_layer_by_layer(true_sequential):
     assert (logits_rtn - ref).pow(2).mean() < 0.1 * ref.var()
     assert config.label() == f"gptq int4 g32 sym{'' if true_sequential else ' act-order'}"
     with pytest.raises(ValueError, match="already quantized"):
-        gptq.gptq_quantize_model(model, calibration, config, progress=False)
+        gptq.quantize_model(model, config, calibration, progress=False)
 
 
 def test_model_level_checks():
     model = tiny_llama()
     with pytest.raises(ValueError, match=r"100 tokens .* fewer than the widest Linear input \(128"):
-        gptq.gptq_quantize_model(model, torch.randint(0, 256, (2, 50)), progress=False)
+        gptq.quantize_model(model, calibration=torch.randint(0, 256, (2, 50)), progress=False)
     with pytest.raises(ValueError, match="token ids"):
-        gptq.gptq_quantize_model(model, torch.randn(8, 32), progress=False)
+        gptq.quantize_model(model, calibration=torch.randn(8, 32), progress=False)
     with pytest.raises(ValueError, match="does not divide"):
-        gptq.gptq_quantize_model(model, torch.randint(0, 256, (8, 32)), gptq.GPTQConfig(group_size=48), progress=False)
+        gptq.quantize_model(model, gptq.GPTQConfig(group_size=48), torch.randint(0, 256, (8, 32)), progress=False)
     with pytest.raises(ValueError, match="model.model.layers"):
-        gptq.gptq_quantize_model(nn.Sequential(nn.Linear(4, 4)), torch.randint(0, 4, (8, 32)), progress=False)
+        gptq.quantize_model(nn.Sequential(nn.Linear(4, 4)), calibration=torch.randint(0, 4, (8, 32)), progress=False)
     assert all(type(m) is not QuantLinear for m in model.modules())  # refused before touching anything
 
 
@@ -224,18 +227,18 @@ def test_gptq_beats_rtn_on_a_real_layer(default_model):
     model, tokenizer = default_model
     calibration = data.calibration_batches(tokenizer, 4, 512)
     layer = model.model.layers[3]
-    inputs = gptq._layer_inputs(model, layer, calibration, batch_size=4)
+    inputs = layerwise.layer_inputs(model, layer, calibration, batch_size=4)
     linear = layer.mlp.down_proj
     h = gptq._hessians(layer, [linear], inputs)[0]
     seen = []
     handle = linear.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     with torch.no_grad():
         for hidden, kwargs in inputs:
-            gptq._run_layer(layer, hidden, kwargs)
+            layerwise.run_layer(layer, hidden, kwargs)
     handle.remove()
     x = torch.cat(seen).reshape(-1, linear.in_features)
-    torch.testing.assert_close(h.matrix, hessian_of(x), rtol=1e-3, atol=1e-3)
-    result = gptq.gptq_quantize_weight(linear.weight, h.matrix, 4, 64)
+    torch.testing.assert_close(h.hessian, hessian_of(x), rtol=1e-3, atol=1e-3)
+    result = gptq.gptq_quantize_weight(linear.weight, h.hessian, 4, 64)
     w = linear.weight.detach()
     ratio = output_error(w, result.quantized.dequantize(), x) / output_error(w, rtn.fake_quantize(w, 4, 64), x)
     assert ratio < 0.5  # about 0.26 on layer 3's down_proj
@@ -262,7 +265,7 @@ def test_gptq_on_cuda_matches_cpu(act_order, symmetric):
 def test_gptq_quantizes_a_tiny_llama_on_cuda():
     model = tiny_llama().cuda()
     calibration = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
-    report = gptq.gptq_quantize_model(model, calibration, gptq.GPTQConfig(4, 32), progress=False)
+    report = gptq.quantize_model(model, gptq.GPTQConfig(4, 32), calibration, progress=False)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == report.n_layers == 14 and all(m.packed.is_cuda for m in layers)
     with torch.no_grad():

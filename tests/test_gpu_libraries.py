@@ -59,7 +59,7 @@ def test_from_scratch_gptq_and_awq_weights_run_in_a_gptqmodel_gpu_kernel(default
     model, tok, windows, _ = default_on_cuda
     cal = data.calibration_batches(tok, n_samples=8, seq_len=512)
     cfg = gptq.GPTQConfig(bits=4, group_size=64) if method == "gptq" else awq.AWQConfig(bits=4, group_size=64)
-    quantized, _, _ = methods.quantized_copy(model, method, cfg, "default", cal, folder="gpu-tests")
+    quantized, _, _ = methods.quantized_copy(model, cfg, "default", cal, folder="gpu-tests")
     in_memory = evaluate.perplexity(quantized, windows).value
     names, ppl = _through_gptqmodel_kernel(quantized, tok, windows)
     _check_kernel(names)

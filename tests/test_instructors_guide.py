@@ -2,7 +2,7 @@
 
 import re
 
-from course_utils import config, formats, hardware
+from course_utils import config, hardware, memory
 
 
 def _guide() -> str:
@@ -15,10 +15,10 @@ def test_the_gpu_table_is_what_formats_and_hardware_compute():
     for line in rows:
         name, params, bf16, int8, int4, gpu = [cell.strip() for cell in line.strip("|").split("|")]
         n = float(params)
-        assert bf16 == f"{formats.memory_estimate(n, 'bf16') / 1e9:.2f}", name
-        assert int8 == f"{formats.memory_estimate(n, 'int8') / 1e9:.2f}", name
-        assert int4 == f"{formats.memory_estimate(n, 'int4', 128) / 1e9:.2f}", name
-        assert gpu == hardware.smallest_gpu(formats.memory_estimate(n, "bf16")), name
+        assert bf16 == f"{memory.memory_estimate(n, 'bf16') / 1e9:.2f}", name
+        assert int8 == f"{memory.memory_estimate(n, 'int8') / 1e9:.2f}", name
+        assert int4 == f"{memory.memory_estimate(n, 'int4', 128) / 1e9:.2f}", name
+        assert gpu == hardware.smallest_gpu(memory.memory_estimate(n, "bf16")), name
 
 
 def test_the_guide_names_the_commands_that_exist():

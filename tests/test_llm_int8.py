@@ -48,10 +48,13 @@ def test_int8_matmul_is_exact_on_integer_products():
 def test_quantize_model_int8_and_refusals():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
     with pytest.raises(ValueError, match="threshold"):
-        llm_int8.quantize_model_int8(model, threshold=0)
-    assert llm_int8.quantize_model_int8(model) == 2
+        llm_int8.Int8Config(threshold=0)
+    report = llm_int8.quantize_model(model, llm_int8.Int8Config())
+    assert report.n_layers == 2 and report.config == llm_int8.Int8Config() and report.n_tokens == 0
+    # 2 x (64 fp32 weights, 8 biases) become 64 int8 codes, 8 fp32 row scales, 8 fp32 biases
+    assert (report.bytes_before, report.bytes_after) == (2 * (64 + 8) * 4, 2 * (64 + 8 * 4 + 8 * 4))
     with pytest.raises(ValueError, match="already quantized"):
-        llm_int8.quantize_model_int8(model)
+        llm_int8.quantize_model(model)
 
 
 def test_measure_outliers_on_a_tiny_model():

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from course_utils import memory
 from course_utils.formats import NF4_LEVELS
 from course_utils.quant import nf4, packing
 
@@ -67,9 +68,9 @@ def test_double_quantization_keeps_absmax_close_and_bits_add_up():
     assert abs(dq.offset - float(absmax.mean())) < 1e-6
     # error at most half a step of the 8-bit grid: absmax2 / 127 / 2
     assert ((dq.dequantize() - absmax).abs() <= dq.absmax2.max() / 254 + 1e-6).all()
-    assert nf4.bits_per_parameter(64) == 4.5
-    assert nf4.bits_per_parameter(64, double_quant=True) == pytest.approx(4 + 8 / 64 + 32 / (64 * 256))
-    assert math.isclose(nf4.bits_per_parameter(64, double_quant=True), 4.127, abs_tol=1e-3)
+    assert memory.blockwise_4bit_bits(64) == 4.5
+    assert memory.blockwise_4bit_bits(64, double_quant=True) == pytest.approx(4 + 8 / 64 + 32 / (64 * 256))
+    assert math.isclose(memory.blockwise_4bit_bits(64, double_quant=True), 4.127, abs_tol=1e-3)
 
 
 def test_linear4bit_own_matches_dequantized_weight_and_stores_half_a_byte():
@@ -87,6 +88,6 @@ def test_linear4bit_own_matches_dequantized_weight_and_stores_half_a_byte():
 
 def test_quantize_model_refuses_a_quantized_model():
     model = torch.nn.Sequential(torch.nn.Linear(64, 64))
-    assert nf4.quantize_model_4bit(model) == 1
+    assert nf4.quantize_model(model).n_layers == 1
     with pytest.raises(ValueError, match="already quantized"):
-        nf4.quantize_model_4bit(model)
+        nf4.quantize_model(model)

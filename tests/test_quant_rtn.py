@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from course_utils.quant import packing, rtn
-from course_utils.quant.linear import QuantLinear, RTNConfig, quantize_model, theoretical_bits_per_weight
+from course_utils.memory import bits_per_weight
+from course_utils.quant.linear import QuantLinear, RTNConfig, quantize_model
 
 W = torch.tensor([[0.5, -1.0, 0.25, 2.0]])
 
@@ -83,7 +84,7 @@ def test_bad_settings_are_refused(kwargs, match):
 def test_nan_or_inf_weight_is_refused():
     w = torch.randn(4, 64)
     w[1, 3] = float("nan")
-    with pytest.raises(ValueError, match="NaN or Inf"):
+    with pytest.raises(ValueError, match=r"the weight holds 1 NaN or infinite value\(s\), the first at index \(1, 3\)"):
         rtn.quantize(w)
 
 
@@ -117,8 +118,8 @@ def test_quant_linear_equals_matmul_with_dequantized_weight(config):
 
 
 def test_theory_of_4bit_group_128_is_4_125_bits():
-    assert theoretical_bits_per_weight(4, 128, symmetric=True) == 4.125
-    assert theoretical_bits_per_weight(4, 64, symmetric=False) == 4 + 24 / 64
+    assert bits_per_weight(4, 128) == 4.125
+    assert bits_per_weight(4, 64, zero_bits=8) == 4 + 24 / 64
 
 
 def test_quantize_model_bytes_match_theory_and_keep_head_float():

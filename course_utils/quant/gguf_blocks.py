@@ -33,6 +33,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+from course_utils import memory
+from course_utils.quant.contract import check_finite
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class BlockFormat:
 
     @property
     def bits_per_weight(self) -> float:
-        return 8 * self.block_bytes / self.block_size
+        return memory.stored_bits_per_weight(self.block_bytes, self.block_size)
 
 
 FORMATS: dict[str, BlockFormat] = {
@@ -322,10 +326,11 @@ def quantize(values: np.ndarray, fmt: str, name: str = "tensor") -> np.ndarray:
     """Quantize a float array to ``fmt``: uint8 bytes of shape (*rows, row_len / block_size * block_bytes).
 
     That is the layout ``gguf.GGUFWriter.add_tensor(..., raw_dtype=...)`` and ``gguf.quants`` use.
-    ``name`` only appears in the error raised when a row does not fill whole blocks.
+    ``name`` appears in the errors raised when a row does not fill whole blocks or a value is NaN or inf.
     """
     f = block_format(fmt)
     values = np.asarray(values, dtype=np.float32)
+    check_finite(torch.from_numpy(values), f"tensor {name!r}")
     blocks = _to_blocks(values, f, name)
     raw = _QUANTIZE[f.name](blocks).astype(np.uint8)
     return raw.reshape(*values.shape[:-1], values.shape[-1] // f.block_size * f.block_bytes)
@@ -339,8 +344,3 @@ def dequantize(raw: np.ndarray, fmt: str, name: str = "tensor") -> np.ndarray:
         raise ValueError(f"tensor {name!r}: rows of {raw.shape[-1]} bytes are not whole {f.name} blocks of {f.block_bytes} bytes")
     values = _DEQUANTIZE[f.name](raw.reshape(-1, f.block_bytes))
     return values.reshape(*raw.shape[:-1], raw.shape[-1] // f.block_bytes * f.block_size)
-
-
-def bits_per_weight(fmt: str) -> float:
-    """Storage per weight of ``fmt``, scales included (Q4_0: 4.5, Q6_K: 6.5625)."""
-    return block_format(fmt).bits_per_weight

@@ -40,7 +40,7 @@ in the permuted order, needs a ``g_idx`` gather at every dequantization; GPTQMod
 Scales are rounded to float16 as soon as they are computed, because ``QuantLinear`` stores them in
 float16: the error feedback then works with exactly the weights the quantized model computes with.
 
-:func:`gptq_quantize_model` runs this on every Linear of a decoder-only model, layer by layer: the
+:func:`quantize_model` runs this on every Linear of a decoder-only model, layer by layer: the
 inputs of each decoder layer come from the already quantized layers before it, and inside a layer
 (*true sequential*) each group of Linears reading the same input (q/k/v, then o, then gate/up, then
 down) is quantized before the next group's inputs are recorded. The layer-by-layer plumbing (capturing a
@@ -53,47 +53,19 @@ import contextlib
 import time
 import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from course_utils.models import model_bytes
 from course_utils.quant import rtn
-from course_utils.quant.layerwise import check_calibration, linear_groups, record_inputs
-from course_utils.quant.layerwise import decoder_layers as _decoder_layers
-from course_utils.quant.layerwise import layer_inputs as _layer_inputs
-from course_utils.quant.layerwise import run_layer as _run_layer
-from course_utils.quant.linear import QuantLinear, replace_linears
-from course_utils.quant.llm_int8 import check_not_quantized
+from course_utils.quant.activations import InputStats
+from course_utils.quant.contract import Report, check_finite, replace_linears
+from course_utils.quant.layerwise import check_calibration, check_group_size, check_model, each_layer, linear_groups, record_inputs
+from course_utils.quant.linear import QuantLinear
 
 MAX_DAMP_INCREASES = 8  # damp x 10**8 at most: far more than a positive semi-definite H ever needs
-
-
-# ------------------------------------------------------------------------------ the Hessian
-
-
-class Hessian:
-    """Running estimate of ``H = 2 X^T X / n`` (in, in) from batches of a Linear's inputs ``X``.
-
-    Each :meth:`add` takes a batch (..., in) of any number of tokens and keeps ``H`` the mean over all
-    ``n_tokens`` seen so far (float32). :meth:`attach` records the inputs of a Linear through a
-    forward pre-hook.
-    """
-
-    def __init__(self, in_features: int, device: torch.device | str | None = None):
-        self.matrix = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        self.n_tokens = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        """Fold a batch of inputs (..., in) into the running mean."""
-        x = x.detach().reshape(-1, self.matrix.shape[0]).to(self.matrix.device, torch.float32)
-        total = self.n_tokens + x.shape[0]
-        # H_new = n/total * H_old + 2/total * x^T x
-        self.matrix.addmm_(x.T, x, beta=self.n_tokens / total, alpha=2.0 / total)
-        self.n_tokens = total
-
-    def attach(self, linear: nn.Module) -> torch.utils.hooks.RemovableHandle:
-        """Add every input ``linear`` receives from now on; call ``.remove()`` on the handle to stop."""
-        return linear.register_forward_pre_hook(lambda module, args: self.add(args[0]))
 
 
 # ------------------------------------------------------------------------------ one weight matrix
@@ -269,13 +241,11 @@ def gptq_quantize_weight(
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight (out_features, in_features), got shape {tuple(weight.shape)}")
     out, cols = weight.shape
-    if group_size == "tensor":
-        raise ValueError("GPTQ quantizes per group or per channel ('channel'), not with one scale per tensor")
-    g = rtn.resolve_group_size(group_size, cols)
+    g = check_group_size(group_size, cols, "GPTQ")
     if tuple(hessian.shape) != (cols, cols):
         raise ValueError(f"the Hessian must be (in, in) = ({cols}, {cols}) for this weight, got {tuple(hessian.shape)}")
-    if not (torch.isfinite(weight).all() and torch.isfinite(hessian).all()):
-        raise ValueError("weight and Hessian must hold finite values only")
+    check_finite(weight, "the weight")
+    check_finite(hessian, "the Hessian")
     if not damp >= 0:
         raise ValueError(f"damp must be >= 0 (a fraction of mean(diag H), 0.01 is usual), got {damp!r}")
     block_size = aligned_block_size(block_size, g)
@@ -339,6 +309,9 @@ class GPTQConfig:
     ``block_size`` (lazy-batch columns), ``true_sequential`` (record each group of Linears' inputs after
     the previous groups of the same decoder layer are quantized)."""
 
+    method: ClassVar[str] = "gptq"
+    needs_calibration: ClassVar[bool] = True
+
     bits: int = 4
     group_size: int | str = 64
     symmetric: bool = True
@@ -354,36 +327,31 @@ class GPTQConfig:
 
 
 @dataclass(frozen=True)
-class GPTQReport:
-    """What :func:`gptq_quantize_model` did: ``losses`` and ``damp`` (used) per Linear name, Linears
-    replaced, calibration tokens, seconds, and ``notes`` (raised dampening, dead input features)."""
+class GPTQReport(Report):
+    """:class:`~course_utils.quant.contract.Report` plus ``losses`` and ``damp`` (as used) per Linear name;
+    ``notes`` tell of raised dampening and dead input features."""
 
-    config: GPTQConfig
-    n_layers: int
-    n_tokens: int
-    seconds: float
     losses: dict[str, float]
     damp: dict[str, float]
-    notes: tuple[str, ...]
-
-
-def _hessians(layer: nn.Module, readers: list[nn.Module], inputs: list[tuple[torch.Tensor, dict]]) -> list[Hessian]:
-    """Hessians of the inputs of ``readers`` (in the order they run), over all calibration sub-batches;
-    each forward pass stops at the last reader."""
-    hessians = [Hessian(m.in_features, m.weight.device) for m in readers]
-    record_inputs(layer, readers, inputs, [h.add for h in hessians])
-    return hessians
 
 
 def _check_calibration(calibration: torch.Tensor, widest: int) -> None:
     check_calibration(calibration, widest, f"the widest Linear input ({widest} features): the Hessian would be singular")
 
 
+def _hessians(layer: nn.Module, readers: list[nn.Module], inputs: list[tuple[torch.Tensor, dict]]) -> list[InputStats]:
+    """Input statistics with the Hessian of each of ``readers`` (in running order), over all calibration
+    sub-batches; each forward pass stops at the last reader."""
+    stats = [InputStats(m.in_features, m.weight.device, gram=True) for m in readers]
+    record_inputs(layer, readers, inputs, [s.add for s in stats])
+    return stats
+
+
 @torch.no_grad()
-def gptq_quantize_model(
+def quantize_model(
     model: nn.Module,
-    calibration: torch.Tensor,
     config: GPTQConfig = GPTQConfig(),
+    calibration: torch.Tensor | None = None,
     progress: bool = True,
     batch_size: int = 8,
 ) -> GPTQReport:
@@ -395,55 +363,33 @@ def gptq_quantize_model(
     produce the next layer's inputs. Embeddings, norms and the output head stay in float. Works on the
     model's device. Returns a :class:`GPTQReport`; warns about raised dampening and dead features.
     """
-    from tqdm.auto import tqdm
+    _, layers = check_model(model, config.bits, config.group_size, "GPTQ", "gptq.quantize_model")
+    _check_calibration(calibration, max(m.in_features for m in layers.modules() if type(m) is nn.Linear))
 
-    check_not_quantized(model)
-    prefix, layers = _decoder_layers(model, "gptq_quantize_model")
-    rtn.check_bits(config.bits)
-    if config.group_size == "tensor":
-        raise ValueError("GPTQ quantizes per group or per channel ('channel'), not with one scale per tensor")
-    linears = [m for m in layers.modules() if type(m) is nn.Linear]
-    for m in linears:  # refuse a group size that does not fit before spending minutes on calibration
-        rtn.resolve_group_size(config.group_size, m.in_features)
-    _check_calibration(calibration, max(m.in_features for m in linears))
-
-    start = time.perf_counter()
-    inputs = _layer_inputs(model, layers[0], calibration, batch_size)
-    groups = linear_groups(layers[0], *inputs[0])
-    # true sequential: one group at a time, each recorded after the previous ones are quantized
-    stages = [[group] for group in groups] if config.true_sequential else [groups]
-    losses, damps, notes = {}, {}, []
-    for index, layer in enumerate(tqdm(layers, desc=config.label(), disable=not progress)):
+    before, start = model_bytes(model), time.perf_counter()
+    losses, damps, notes, stages = {}, {}, [], None
+    for _, where, layer, inputs in each_layer(model, calibration, batch_size, config.label(), progress, "gptq.quantize_model"):
+        if stages is None:  # true sequential: one group at a time, each recorded after the previous ones are quantized
+            groups = linear_groups(layer, *inputs[0])
+            stages = [[group] for group in groups] if config.true_sequential else [groups]
         modules = dict(layer.named_modules())
         for stage in stages:
-            hessians = _hessians(layer, [modules[group[0]] for group in stage], inputs)
             results = {}
-            for group, hessian in zip(stage, hessians):
+            for group, stats in zip(stage, _hessians(layer, [modules[group[0]] for group in stage], inputs)):
                 for name in group:
                     linear = modules[name]
                     result = gptq_quantize_weight(
-                        linear.weight, hessian.matrix, config.bits, config.group_size, config.symmetric,
+                        linear.weight, stats.hessian, config.bits, config.group_size, config.symmetric,
                         config.act_order, config.damp, config.block_size,
                     )
                     results[linear] = result
-                    full = f"{prefix}.{index}.{name}"
+                    full = f"{where}.{name}"
                     losses[full], damps[full] = result.loss, result.damp
                     if result.damp != config.damp:
                         notes.append(f"{full}: damping raised from {config.damp:g} to {result.damp:g}")
                     if result.dead:
                         notes.append(f"{full}: {result.dead} dead input feature(s), weights set to 0")
-            replace_linears(
-                layer,
-                lambda lin: QuantLinear(results[lin].quantized, lin.bias, dtype=lin.weight.dtype),
-                only=[name for group in stage for name in group],
-            )
-        inputs = [(_run_layer(layer, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
-    return GPTQReport(
-        config=config,
-        n_layers=len(losses),
-        n_tokens=calibration.numel(),
-        seconds=time.perf_counter() - start,
-        losses=losses,
-        damp=damps,
-        notes=tuple(notes),
-    )
+            replace_linears(layer, lambda lin: QuantLinear(results[lin].quantized, lin.bias, dtype=lin.weight.dtype),
+                            only=[name for group in stage for name in group])
+    return GPTQReport(config, len(losses), calibration.numel(), time.perf_counter() - start, before, model_bytes(model),
+                      tuple(notes), losses, damps)

@@ -51,6 +51,8 @@ import torch
 from torch import nn
 
 from course_utils.quant import rtn
+from course_utils.quant.contract import set_module
+from course_utils.quant.linear import QuantLinear
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
@@ -456,8 +458,6 @@ def load_into_model(model: nn.Module, checkpoint: GPTQCheckpoint | str | Path) -
     points). Needs static groups (``g_idx = col // group_size``); the other tensors of the checkpoint
     (embeddings, norms) are not touched. Returns the number of layers replaced.
     """
-    from course_utils.quant.linear import QuantLinear
-
     ck = checkpoint if isinstance(checkpoint, GPTQCheckpoint) else read_gptq_checkpoint(checkpoint)
     modules = dict(model.named_modules())
     missing = [n for n in ck.layers if not isinstance(modules.get(n), nn.Linear)]
@@ -470,6 +470,5 @@ def load_into_model(model: nn.Module, checkpoint: GPTQCheckpoint | str | Path) -
                              f"the model's is {old.out_features}x{old.in_features}")
         bias = None if layer.bias is None else layer.bias.to(old.weight.dtype)
         new = QuantLinear(layer.to_quantized_tensor(), bias, dtype=old.weight.dtype).to(old.weight.device)
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, new)
+        set_module(model, name, new)
     return len(ck.layers)

@@ -10,15 +10,21 @@ and the inputs of some of those Linears. This module provides exactly that:
 - :func:`run_layer`: run one layer on such an input (its output feeds the next layer);
 - :func:`linear_groups`: the layer's Linears in running order, grouped by shared input (q/k/v, gate/up);
 - :func:`record_inputs`: hand every input some Linears receive to callbacks, stopping the layer early;
-- :func:`check_calibration`: refuse calibration data that is not token ids or is too short.
+- :func:`check_calibration`: refuse calibration data that is not token ids or is too short;
+- :func:`check_model`: refuse a model that GPTQ or AWQ cannot quantize, before any work;
+- :func:`each_layer`: the loop both drivers share: each decoder layer with its inputs, the next layer's
+  inputs computed from the layer once the caller has quantized it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+
+from course_utils.quant import rtn
+from course_utils.quant.contract import check_not_quantized
 
 
 class StopForward(Exception):
@@ -128,3 +134,39 @@ def check_calibration(calibration: torch.Tensor, minimum: int, why: str) -> None
             f"calibration holds {calibration.numel()} tokens ({calibration.shape[0]} x {calibration.shape[1]}), fewer than "
             f"{why}. Use more, e.g. 32 x 512 (data.calibration_batches(tokenizer, 32, 512))"
         )
+
+
+def check_group_size(group_size: rtn.Granularity, in_features: int, method: str) -> int:
+    """Columns per group for ``method`` (GPTQ, AWQ): :func:`rtn.resolve_group_size`, refusing "tensor"."""
+    if group_size == "tensor":
+        raise ValueError(f"{method} quantizes per group or per channel ('channel'), not with one scale per tensor")
+    return rtn.resolve_group_size(group_size, in_features)
+
+
+def check_model(model: nn.Module, bits: int, group_size: rtn.Granularity, method: str, caller: str) -> tuple[str, nn.ModuleList]:
+    """Refuse, before any work, a model ``method`` cannot quantize layer by layer: already quantized, no
+    decoder layers, ``bits`` out of range, or a group size that does not fit one of its Linears.
+    Returns :func:`decoder_layers`."""
+    check_not_quantized(model)
+    prefix, layers = decoder_layers(model, caller)
+    rtn.check_bits(bits)
+    for m in layers.modules():
+        if type(m) is nn.Linear:
+            check_group_size(group_size, m.in_features, method)
+    return prefix, layers
+
+
+def each_layer(
+    model: nn.Module, calibration: torch.Tensor, batch_size: int, desc: str, progress: bool, caller: str,
+) -> Iterator[tuple[int, str, nn.Module, list[tuple[torch.Tensor, dict]]]]:
+    """``(index, name, layer, inputs)`` for each decoder layer, in order: ``inputs`` are what enters the
+    layer on ``calibration`` (see :func:`layer_inputs`), produced by the layers before it *as the caller
+    left them* (quantized). When the caller asks for the next layer, this one is run on its inputs to make
+    the next one's. A tqdm bar labelled ``desc`` shows the progress if ``progress``."""
+    from tqdm.auto import tqdm
+
+    prefix, layers = decoder_layers(model, caller)
+    inputs = layer_inputs(model, layers[0], calibration, batch_size)
+    for index, layer in enumerate(tqdm(layers, desc=desc, disable=not progress)):
+        yield index, f"{prefix}.{index}", layer, inputs
+        inputs = [(run_layer(layer, hidden, kwargs), kwargs) for hidden, kwargs in inputs]

@@ -1,24 +1,28 @@
-"""A Linear layer that stores packed integer codes and dequantizes them on the fly, and a model converter.
+"""A Linear layer that stores packed integer codes and dequantizes them on the fly; RTN for a whole model.
 
 ``QuantLinear`` holds, as buffers: ``packed`` (uint8 bit stream of the codes, see
 :mod:`course_utils.quant.packing`), ``scales`` (float16, one per group), ``zeros`` (uint8, asymmetric
 only) and the float ``bias``. Its resident size is therefore what the theory says: ``bits`` per weight
 plus 16 bits per group for the scale (and 8 for the zero point). ``forward`` rebuilds the float weight
 and calls ``F.linear``: it saves memory, not time (lesson 03 shows kernels that save time).
+
+:func:`quantize_model` is round-to-nearest for a model (:class:`RTNConfig`), following the course's
+quantizer contract (:mod:`course_utils.quant.contract`); GPTQ and AWQ store their results as
+``QuantLinear`` too.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_utils.models import model_bytes
+from course_utils import memory
 from course_utils.quant import packing, rtn
+from course_utils.quant.contract import QuantizedLayer, Report, convert, report_fields
 
 
 @dataclass(frozen=True)
@@ -26,10 +30,16 @@ class RTNConfig:
     """How to quantize each Linear: ``bits`` (2-8), ``group_size`` (int, "channel" or "tensor"),
     ``symmetric`` (absmax) or zero-point, and ``clip`` (search a clip ratio per group)."""
 
+    method: ClassVar[str] = "rtn"
+    needs_calibration: ClassVar[bool] = False
+
     bits: int = 4
     group_size: rtn.Granularity = 64
     symmetric: bool = True
     clip: bool = False
+
+    def __post_init__(self):
+        rtn.check_bits(self.bits)
 
     def label(self) -> str:
         """Short name such as ``int4 g64 sym``."""
@@ -37,7 +47,7 @@ class RTNConfig:
         return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}{' clip' if self.clip else ''}"
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(QuantizedLayer):
     """Drop-in replacement for ``nn.Linear`` with weights stored as packed ``bits``-bit codes."""
 
     def __init__(self, q: rtn.QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32):
@@ -82,88 +92,29 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}"
 
 
-def theoretical_bits_per_weight(bits: int, group_size: int, symmetric: bool, scale_bits: int = 16) -> float:
-    """Stored bits per weight: the code, plus one scale (and one 8-bit zero point) per group."""
-    return bits + (scale_bits + (0 if symmetric else 8)) / group_size
-
-
 @dataclass(frozen=True)
-class QuantReport:
-    """What ``quantize_model`` did: layers replaced, model bytes before/after, packed theory, seconds."""
+class RTNReport(Report):
+    """:class:`~course_utils.quant.contract.Report` plus ``bytes_theory``: the model's bytes if every
+    replaced weight took exactly :func:`course_utils.memory.bits_per_weight` bits."""
 
-    n_layers: int
-    bytes_before: int
-    bytes_after: int
     bytes_theory: int
-    seconds: float
-
-    @property
-    def ratio(self) -> float:
-        return self.bytes_before / self.bytes_after
-
-
-def linear_layers(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> dict[str, nn.Linear]:
-    """Every plain ``nn.Linear`` in ``model`` by qualified name (not subclasses such as bitsandbytes'
-    layers), except those whose name contains a ``skip`` entry."""
-    return {n: m for n, m in model.named_modules() if type(m) is nn.Linear and not any(s in n for s in skip)}
-
-
-def replace_linears(
-    model: nn.Module,
-    make: Callable[[nn.Linear], nn.Module],
-    skip: tuple[str, ...] = ("lm_head",),
-    only: list[str] | None = None,
-) -> dict[str, tuple[nn.Linear, nn.Module]]:
-    """Put ``make(linear)`` in place of each target Linear layer of ``model``, in place.
-
-    Targets: every plain Linear except names containing a ``skip`` entry, or exactly the names in
-    ``only`` (each must be an ``nn.Linear``). Returns ``{name: (old layer, new layer)}``; raises
-    ``ValueError`` for a non-Linear name in ``only`` or when there is nothing to replace. Every
-    from-scratch quantizer of the course converts a model through this one function.
-    """
-    modules = dict(model.named_modules())
-    if only is not None:
-        wrong = [n for n in only if not isinstance(modules.get(n), nn.Linear)]
-        if wrong:
-            raise ValueError(f"only Linear layers can be quantized; not Linear (or missing): {wrong}")
-        targets = {n: modules[n] for n in only}
-    else:
-        targets = linear_layers(model, skip)
-    if not targets:
-        raise ValueError(f"no nn.Linear layers to quantize in {type(model).__name__} (skip={skip})")
-    replaced = {}
-    for name, linear in targets.items():
-        parent, _, child = name.rpartition(".")
-        new = make(linear)
-        setattr(modules[parent] if parent else model, child, new)
-        replaced[name] = (linear, new)
-    return replaced
 
 
 def quantize_model(
-    model: nn.Module, config: RTNConfig, skip: tuple[str, ...] = ("lm_head",), only: list[str] | None = None
-) -> QuantReport:
-    """Replace the model's Linear layers by ``QuantLinear`` in place (embeddings and output head stay float).
+    model: nn.Module, config: RTNConfig, calibration: torch.Tensor | None = None,
+    skip: tuple[str, ...] = ("lm_head",), only: list[str] | None = None,
+) -> RTNReport:
+    """Round every Linear of ``model`` to nearest with ``config``, in place, as ``QuantLinear`` layers
+    (embeddings and output head stay float). ``calibration`` is not used (RTN needs none).
 
     ``skip``: name fragments to leave in float (the output head by default; pass ``()`` to quantize it
-    too). ``only``: exact module names to quantize (each must be an ``nn.Linear``). Returns a
-    :class:`QuantReport`; raises ``ValueError`` for a module that is not Linear or a model without any.
+    too). ``only``: exact module names to quantize (each must be an ``nn.Linear``). Returns an
+    :class:`RTNReport`; raises ``ValueError`` for a module that is not Linear, a model without any, an
+    already quantized model, or weights holding NaN or inf.
     """
-    if isinstance(model, nn.Linear):
-        raise ValueError("quantize_model expects a model containing Linear layers; for a single layer use QuantLinear.from_linear")
-    before = model_bytes(model)
-    start = time.perf_counter()
-    replaced = replace_linears(model, lambda linear: QuantLinear.from_linear(linear, config), skip, only)
-    seconds = time.perf_counter() - start
+    replaced, report = convert(model, config, lambda linear: QuantLinear.from_linear(linear, config), skip, only)
     float_bytes = sum(old.weight.numel() * old.weight.element_size() for old, _ in replaced.values())
-    theory_bits = sum(
-        old.weight.numel() * theoretical_bits_per_weight(config.bits, new.group_size, config.symmetric)
-        for old, new in replaced.values()
-    )
-    return QuantReport(
-        n_layers=len(replaced),
-        bytes_before=before,
-        bytes_after=model_bytes(model),
-        bytes_theory=int(before - float_bytes + theory_bits / 8),
-        seconds=seconds,
-    )
+    zero_bits = 0 if config.symmetric else 8
+    theory_bits = sum(old.weight.numel() * memory.bits_per_weight(config.bits, new.group_size, 16, zero_bits)
+                      for old, new in replaced.values())
+    return RTNReport(**report_fields(report), bytes_theory=int(report.bytes_before - float_bytes + theory_bits / 8))

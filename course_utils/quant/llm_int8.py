@@ -14,13 +14,15 @@ classic setting that an outlier feature ruins, which the lesson uses to show why
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
-from course_utils.quant.linear import replace_linears
+from course_utils.quant.activations import InputStats
+from course_utils.quant.contract import QuantizedLayer, Report, check_finite, convert
 
 DEFAULT_THRESHOLD = 6.0
 _EXACT_CHUNK = 1024  # 1024 * 127 * 127 < 2**24: int8 dot products of this length are exact in float32
@@ -37,14 +39,16 @@ def check_threshold(threshold: float | None) -> None:
         )
 
 
-def absmax_int8(x: torch.Tensor, granularity: str = "row") -> tuple[torch.Tensor, torch.Tensor]:
+def absmax_int8(x: torch.Tensor, granularity: str = "row", name: str = "tensor") -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 of ``x`` (rows, cols): codes (rows, cols) int8 and scales (rows, 1) float32.
 
     ``granularity``: "row" (one scale per row: vector-wise) or "tensor" (one scale for all, repeated
-    per row). ``scale = absmax / 127``; an all-zero row keeps scale 0 and codes 0.
+    per row). ``scale = absmax / 127``; an all-zero row keeps scale 0 and codes 0. ``name`` names ``x``
+    in the error raised for NaN or inf values.
     """
     if granularity not in ("row", "tensor"):
         raise ValueError(f"granularity must be 'row' or 'tensor', got {granularity!r}")
+    check_finite(x, name)
     x = x.float()
     amax = x.abs().amax(dim=1, keepdim=True) if granularity == "row" else x.abs().amax().expand(x.shape[0], 1)
     scale = amax / 127
@@ -91,14 +95,14 @@ def llm_int8_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tenso
             out = x2[:, cols] @ (w_codes[:, cols].float() * w_scale).T
             regular = x2.clone()
             regular[:, cols] = 0
-    x_codes, x_scale = absmax_int8(regular, act_granularity)
+    x_codes, x_scale = absmax_int8(regular, act_granularity, "the activations")
     y = int8_matmul(x_codes, x_scale, w_codes, w_scale)
     if out is not None:
         y = y + out
     return y.reshape(*lead, -1).to(x.dtype)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(QuantizedLayer):
     """``nn.Linear`` replacement: weight (out, in) stored as int8 codes + one float32 scale per row.
 
     ``threshold`` (float or None) and ``act_granularity`` ("row" or "tensor") choose how the
@@ -109,7 +113,7 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, threshold: float | None = DEFAULT_THRESHOLD, act_granularity: str = "row"):
         super().__init__()
         check_threshold(threshold)
-        codes, scale = absmax_int8(linear.weight.detach(), "row")
+        codes, scale = absmax_int8(linear.weight.detach(), "row", "the weight")
         self.out_features, self.in_features = linear.weight.shape
         self.threshold, self.act_granularity = threshold, act_granularity
         self.register_buffer("weight_codes", codes)
@@ -125,30 +129,35 @@ class Int8Linear(nn.Module):
                 f"act_granularity={self.act_granularity}")
 
 
-def check_not_quantized(model: nn.Module) -> None:
-    """Raise ``ValueError`` if ``model`` already holds quantized layers (ours, bitsandbytes' or transformers')."""
-    from course_utils.quant.linear import QuantLinear
-    from course_utils.quant.nf4 import Linear4bitOwn
+@dataclass(frozen=True)
+class Int8Config:
+    """LLM.int8 for every Linear: ``threshold`` (inputs reaching it go through the float path; None: no
+    decomposition) and ``act_granularity`` ("row": one activation scale per token; "tensor": one for all)."""
 
-    ours = [n for n, m in model.named_modules() if isinstance(m, (Int8Linear, Linear4bitOwn, QuantLinear))]
-    foreign = [n for n, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
-    if ours or foreign or getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None) is not None:
-        example = (ours + foreign + ["(marked quantized by transformers)"])[0]
-        raise ValueError(
-            f"this model is already quantized (e.g. {example}); quantizing it again would stack two roundings. "
-            "Start from a float copy: reload it with models.load_model or copy.deepcopy the float model first"
-        )
+    method: ClassVar[str] = "llm_int8"
+    needs_calibration: ClassVar[bool] = False
+
+    threshold: float | None = DEFAULT_THRESHOLD
+    act_granularity: str = "row"
+
+    def __post_init__(self):
+        check_threshold(self.threshold)
+        if self.act_granularity not in ("row", "tensor"):
+            raise ValueError(f"act_granularity must be 'row' or 'tensor', got {self.act_granularity!r}")
+
+    def label(self) -> str:
+        """Short name such as ``LLM.int8 t6 row``."""
+        return f"LLM.int8 {'no split' if self.threshold is None else f't{self.threshold:g}'} {self.act_granularity}"
 
 
-def quantize_model_int8(model: nn.Module, threshold: float | None = DEFAULT_THRESHOLD, act_granularity: str = "row",
-                        skip: tuple[str, ...] = ("lm_head",)) -> int:
+def quantize_model(model: nn.Module, config: Int8Config = Int8Config(), calibration: torch.Tensor | None = None,
+                   skip: tuple[str, ...] = ("lm_head",)) -> Report:
     """Replace every ``nn.Linear`` (except names containing a ``skip`` entry) by :class:`Int8Linear`, in place.
 
-    Returns the number of layers replaced; refuses an already quantized model and a threshold <= 0.
+    ``calibration`` is not used (the outlier split happens at run time). Returns a
+    :class:`~course_utils.quant.contract.Report`; refuses an already quantized model.
     """
-    check_threshold(threshold)
-    check_not_quantized(model)
-    return len(replace_linears(model, lambda linear: Int8Linear(linear, threshold, act_granularity), skip))
+    return convert(model, config, lambda linear: Int8Linear(linear, config.threshold, config.act_granularity), skip)[1]
 
 
 # ------------------------------------------------------------------------------ measuring outliers
@@ -182,8 +191,6 @@ class OutlierStats:
         return int((self.absmax[:, feature] >= (threshold or self.threshold)).sum())
 
     def _by_layer(self, values: torch.Tensor) -> torch.Tensor:
-        import re
-
         index = [int(m.group(1)) if (m := re.search(r"\.layers\.(\d+)\.", n)) else 0 for n in self.names]
         out = torch.zeros(max(index) + 1, values.shape[1])
         for i, row in zip(index, values):
@@ -217,25 +224,20 @@ class OutlierStats:
 def measure_outliers(model: nn.Module, input_ids: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> OutlierStats:
     """Run ``model`` on ``input_ids`` (batch, seq) and record, for every Linear whose input has the
     model's hidden width, each input feature's largest |activation| and the share of positions where it
-    reaches ``threshold``."""
+    reaches ``threshold`` (:class:`~course_utils.quant.activations.InputStats`). Linears that read the
+    very same tensor (q/k/v, gate/up) are counted once, under the first one's name."""
     check_threshold(threshold)
     hidden = model.config.hidden_size
     last: list = [None]  # the input tensor seen last: q/k/v (and gate/up) read the same tensor in a row
-    rows: list[torch.Tensor] = []
-    shares: list[torch.Tensor] = []
-    names: list[str] = []
+    stats: dict[str, InputStats] = {}
     handles = []
 
     def hook(name):
         def fn(module, args):
-            x = args[0]
-            if x is last[0]:
+            if args[0] is last[0]:
                 return
-            last[0] = x
-            flat = x.detach().abs().reshape(-1, x.shape[-1]).float()
-            rows.append(flat.amax(dim=0).cpu())
-            shares.append((flat >= threshold).float().mean(dim=0).cpu())
-            names.append(name)
+            last[0] = args[0]
+            stats.setdefault(name, InputStats(hidden, "cpu", threshold=threshold)).add(args[0])
         return fn
 
     for name, m in model.named_modules():
@@ -247,4 +249,5 @@ def measure_outliers(model: nn.Module, input_ids: torch.Tensor, threshold: float
         for h in handles:
             h.remove()
     last[0] = None
-    return OutlierStats(torch.stack(rows), tuple(names), torch.stack(shares), threshold)
+    absmax = torch.stack([s.absmax for s in stats.values()])
+    return OutlierStats(absmax, tuple(stats), torch.stack([s.share_over for s in stats.values()]), threshold)

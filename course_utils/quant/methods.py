@@ -1,30 +1,57 @@
-"""The course's from-scratch weight quantizers behind one call, cached by configuration.
+"""The course's from-scratch quantizers behind one call, dispatched on the configuration, cached.
 
-Lessons 07, 08 and 10 quantize the same float model many times with RTN, GPTQ and AWQ. :func:`quantized_copy`
-takes the float model, a method name and that method's configuration (and calibration tokens where the
-method needs them), and returns a quantized copy, running the quantizer only the first time that exact
-combination is asked for (:func:`course_utils.quant.store.cached_quantize`). Lessons share results: the
-GPTQ model lesson 07 made is the one lesson 08 compares AWQ with.
+Every method follows the contract of :mod:`course_utils.quant.contract`: a config dataclass, and a
+``quantize_model(model, config, calibration)`` in its module returning a report. :func:`quantize` picks
+the module from the config's type; :func:`quantized_copy` returns a quantized copy of a float model and
+runs the quantizer only the first time that exact combination (config, model, calibration, and the
+quantizer's source code) is asked for (:func:`course_utils.quant.store.cached_quantize`). Lessons share
+results: the GPTQ model lesson 07 made is the one lesson 08 compares AWQ with.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from types import ModuleType
 
 import torch
 from torch import nn
 
 from course_utils import data
-from course_utils.quant import awq, gptq, store
-from course_utils.quant.linear import RTNConfig, quantize_model
+from course_utils.quant import awq, gptq, linear, llm_int8, nf4, store
+from course_utils.quant.contract import Report
 
-# method -> (its configuration class, whether it needs calibration tokens, how it quantizes in place)
-METHODS: dict[str, tuple[type, bool, Callable]] = {
-    "rtn": (RTNConfig, False, lambda m, cfg, cal: quantize_model(m, cfg)),
-    "gptq": (gptq.GPTQConfig, True, lambda m, cfg, cal: gptq.gptq_quantize_model(m, cal, cfg, progress=False)),
-    "awq": (awq.AWQConfig, True, lambda m, cfg, cal: awq.awq_quantize_model(m, cal, cfg, progress=False)),
+# config type -> (the module holding its quantize_model, the report type it returns)
+METHODS: dict[type, tuple[ModuleType, type]] = {
+    linear.RTNConfig: (linear, linear.RTNReport),
+    llm_int8.Int8Config: (llm_int8, Report),
+    nf4.NF4Config: (nf4, Report),
+    gptq.GPTQConfig: (gptq, gptq.GPTQReport),
+    awq.AWQConfig: (awq, awq.AWQReport),
 }
+CACHED = (linear.RTNConfig, gptq.GPTQConfig, awq.AWQConfig)  # whose layers are QuantLinear, which the store keeps
+
+
+def _method(cfg) -> tuple[ModuleType, type]:
+    if type(cfg) not in METHODS:
+        known = ", ".join(t.__name__ for t in METHODS)
+        raise TypeError(f"no quantizer takes a {type(cfg).__name__}; give one of these configs: {known}")
+    return METHODS[type(cfg)]
+
+
+def _check_calibration(cfg, calibration: torch.Tensor | None) -> torch.Tensor | None:
+    if cfg.needs_calibration and calibration is None:
+        raise ValueError(f"{cfg.method} needs calibration token ids (course_utils.data.calibration_batches)")
+    return calibration if cfg.needs_calibration else None
+
+
+def quantize(model: nn.Module, cfg, calibration: torch.Tensor | None = None) -> Report:
+    """Quantize ``model`` in place with the method ``cfg`` configures (RTNConfig, Int8Config, NF4Config,
+    GPTQConfig or AWQConfig); ``calibration``: token ids (n_samples, seq_len) for the methods that need it."""
+    module, _ = _method(cfg)
+    calibration = _check_calibration(cfg, calibration)
+    if cfg.needs_calibration:
+        return module.quantize_model(model, cfg, calibration, progress=False)
+    return module.quantize_model(model, cfg, calibration)
 
 
 def calibration_id(calibration: torch.Tensor) -> str:
@@ -34,30 +61,30 @@ def calibration_id(calibration: torch.Tensor) -> str:
 
 def quantized_copy(
     model: nn.Module,
-    method: str,
     cfg,
     model_name: str,
     calibration: torch.Tensor | None = None,
     folder: str = "methods",
-) -> tuple[nn.Module, dict, bool]:
-    """A copy of the float ``model`` quantized by ``method`` ("rtn", "gptq" or "awq") with ``cfg``.
+) -> tuple[nn.Module, Report, bool]:
+    """A copy of the float ``model`` quantized with ``cfg``, and the quantizer's report.
 
-    ``model_name`` (what :func:`course_utils.models.load_model` was given) and the calibration tokens'
-    fingerprint are part of the cache key, so another model or another calibration set never gets a stale
-    result. Returns ``(copy, extra, was_cached)``; ``extra["seconds"]`` is the quantizer's run time when it
-    ran, ``extra["report"]`` what it reported (AWQ: alpha per layer).
+    ``model_name`` (what :func:`course_utils.models.load_model` was given), the calibration tokens'
+    fingerprint and the quantizer's source code are part of the cache key, so another model, another
+    calibration set or a fixed quantizer never gets a stale result. Returns ``(copy, report, was_cached)``;
+    ``report.seconds`` is the quantizer's run time when it ran (cached: the run that made the file).
+    LLM.int8 and NF4 are quick and not cached.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose among {sorted(METHODS)}")
-    cls, needs_calibration, run = METHODS[method]
-    if not isinstance(cfg, cls):
-        raise TypeError(f"method {method!r} takes a {cls.__name__}, got {type(cfg).__name__}")
-    if needs_calibration and calibration is None:
-        raise ValueError(f"method {method!r} needs calibration token ids (course_utils.data.calibration_batches)")
-    description = {
-        "method": method, "config": repr(cfg), "model": model_name,
-        "calibration": calibration_id(calibration) if needs_calibration else None,
-    }
+    module, report_type = _method(cfg)
+    calibration = _check_calibration(cfg, calibration)
     m = copy.deepcopy(model)
-    extra, cached = store.cached_quantize(m, description, lambda mm: run(mm, cfg, calibration), folder=folder)
-    return m, extra, cached
+    if not isinstance(cfg, CACHED):
+        return m, quantize(m, cfg, calibration), False
+    description = {
+        "method": cfg.method, "config": repr(cfg), "model": model_name,
+        "calibration": None if calibration is None else calibration_id(calibration),
+    }
+    report, cached = store.cached_quantize(
+        m, description, lambda mm: quantize(mm, cfg, calibration), code=(module.__name__, store.__name__),
+        restore=lambda fields: report_type.from_dict(fields, type(cfg)), folder=folder,
+    )
+    return m, report, cached

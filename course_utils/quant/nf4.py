@@ -14,25 +14,19 @@ subtracting their mean), which takes them from 32/64 = 0.5 to about 0.127 bits p
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-from course_utils.formats import NF4_LEVELS
+from course_utils.formats import FP4_LEVELS, NF4_LEVELS
 from course_utils.quant import packing
-from course_utils.quant.linear import replace_linears
+from course_utils.quant.contract import QuantizedLayer, Report, check_finite, convert
 
 QUANT_TYPES = ("nf4", "fp4")
 
-# FP4 levels in code order (code = sign bit, then 3 bits). The magnitudes are those of an E2M1 float,
-# {0, 1, 1.5, 2, 3, 4, 6} / 6, except that the smallest non-zero magnitude is 1/192 instead of 0.5/6:
-# this is the table bitsandbytes uses (its bit layout orders the exponents differently from IEEE-style
-# E2M1, so code 0b011 is 1.0 and 0b110 is 1/6). Codes 8-15 are the negatives of codes 0-7.
-_FP4_POSITIVE = (0.0, 1 / 192, 4 / 6, 6 / 6, 2 / 6, 3 / 6, 1 / 6, 1.5 / 6)
-FP4_LEVELS: tuple[float, ...] = _FP4_POSITIVE + tuple(-v for v in _FP4_POSITIVE)
 
 
 def nf4_levels_from_normal(offset: float = 0.9677083) -> torch.Tensor:
@@ -114,8 +108,7 @@ def quantize_4bit(tensor: torch.Tensor, block_size: int = 64, quant_type: str = 
     nearest level. An all-zero block keeps absmax 0 and decodes to zeros.
     """
     table = levels(quant_type)
-    if not torch.isfinite(tensor).all():
-        raise ValueError("the tensor holds NaN or Inf values; quantization needs finite values")
+    check_finite(tensor, "the tensor")
     check_block_size(tensor.numel(), block_size)
     blocks = tensor.detach().float().reshape(-1, block_size)
     absmax = blocks.abs().amax(dim=1)
@@ -177,23 +170,10 @@ def double_quantize(absmax: torch.Tensor, block_size: int = 256, table: torch.Te
     return DoubleQuant(codes, absmax2, offset, block_size, table)
 
 
-def bits_per_parameter(block_size: int = 64, absmax_bits: int = 32, double_quant: bool = False,
-                       dq_block_size: int = 256, dq_bits: int = 8) -> float:
-    """Stored bits per weight of a blockwise 4-bit format.
-
-    Without double quantization: 4 + absmax_bits / block_size (4 + 32/64 = 4.5). With it, each absmax
-    costs ``dq_bits`` and every ``dq_block_size`` of them share one float32 absmax:
-    4 + 8/64 + 32/(64 * 256) = 4.127 (the one float32 offset per tensor is left out).
-    """
-    if double_quant:
-        return 4 + dq_bits / block_size + 32 / (block_size * dq_block_size)
-    return 4 + absmax_bits / block_size
-
-
 # --------------------------------------------------------------------------- a 4-bit Linear layer
 
 
-class Linear4bitOwn(nn.Module):
+class Linear4bitOwn(QuantizedLayer):
     """``nn.Linear`` replacement storing its weight (out, in) as packed 4-bit codes + absmax per block.
 
     Buffers: ``packed`` (uint8, two codes per byte), ``absmax`` (float32) or, with double
@@ -242,15 +222,32 @@ class Linear4bitOwn(nn.Module):
                 f"block_size={self.block_size}, double_quant={self.double_quant}")
 
 
-def quantize_model_4bit(model: nn.Module, quant_type: str = "nf4", block_size: int = 64, double_quant: bool = False,
-                        skip: tuple[str, ...] = ("lm_head",)) -> int:
+@dataclass(frozen=True)
+class NF4Config:
+    """Blockwise 4-bit for every Linear: ``quant_type`` ("nf4" or "fp4"), ``block_size`` weights per
+    absmax, ``double_quant`` (the absmax constants in 8 bits)."""
+
+    method: ClassVar[str] = "nf4"
+    needs_calibration: ClassVar[bool] = False
+
+    quant_type: str = "nf4"
+    block_size: int = 64
+    double_quant: bool = False
+
+    def __post_init__(self):
+        levels(self.quant_type)
+
+    def label(self) -> str:
+        """Short name such as ``nf4 b64 dq``."""
+        return f"{self.quant_type} b{self.block_size}{' dq' if self.double_quant else ''}"
+
+
+def quantize_model(model: nn.Module, config: NF4Config = NF4Config(), calibration: torch.Tensor | None = None,
+                   skip: tuple[str, ...] = ("lm_head",)) -> Report:
     """Replace every ``nn.Linear`` (except names containing a ``skip`` entry) by :class:`Linear4bitOwn`, in place.
 
-    Returns the number of layers replaced. Refuses a model that is already quantized (by this course's
-    quantizers, by bitsandbytes or by transformers).
+    ``calibration`` is not used. Returns a :class:`~course_utils.quant.contract.Report`. Refuses a model
+    that is already quantized (by this course's quantizers, by bitsandbytes or by transformers).
     """
-    from course_utils.quant.llm_int8 import check_not_quantized
-
-    check_not_quantized(model)
-    levels(quant_type)
-    return len(replace_linears(model, lambda linear: Linear4bitOwn(linear, quant_type, block_size, double_quant), skip))
+    make = lambda linear: Linear4bitOwn(linear, config.quant_type, config.block_size, config.double_quant)  # noqa: E731
+    return convert(model, config, make, skip)[1]

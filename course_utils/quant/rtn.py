@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from course_utils.quant.contract import check_finite
+
 Granularity = int | str  # a group size, "channel" or "tensor"
 
 
@@ -75,9 +77,7 @@ def resolve_group_size(granularity: Granularity, in_features: int) -> int:
 def _check_weight(weight: torch.Tensor) -> None:
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight (out_features, in_features), got shape {tuple(weight.shape)}")
-    if not torch.isfinite(weight).all():
-        bad = int((~torch.isfinite(weight)).sum())
-        raise ValueError(f"weight holds {bad} NaN or Inf value(s); quantization needs finite weights")
+    check_finite(weight, "the weight")
 
 
 def quantize(
