@@ -35,12 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if args.check and stale else 0
 
     if args.command == "compare":
-        from course_utils import compare, config
+        from course_utils import compare, compare_report, config
 
         start = time.perf_counter()
         rows = compare.run(args.model, args.device, args.only)
-        files = compare.write(rows, args.out or config.repo_root() / "build" / "compare")
-        print(compare.to_markdown(rows))
+        files = compare_report.write(rows, args.out or config.repo_root() / "build" / "compare")
+        print(compare_report.to_markdown(rows))
         print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s; written: " + ", ".join(str(p) for p in files.values()))
         return 0
 

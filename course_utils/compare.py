@@ -12,19 +12,18 @@ Quantized models come from those caches when a lesson already made them, so afte
 mostly measures. The settings are the lessons' own: groups of 64, 8 calibration samples of 512 tokens
 (4 x 256 for llm-compressor, as in lesson 08), 4 evaluation windows of 512 tokens.
 
-:func:`run` returns the rows; :func:`write` saves ``compare.csv``, ``compare.md`` and two plots (quality
-against size, quality against generation speed) into a folder (``build/compare`` from the command line).
+:func:`run` returns the rows (:class:`Row`, plain data); :mod:`course_utils.compare_report` writes them as
+``compare.csv``, ``compare.md`` and two plots (quality against size, quality against generation speed) into
+a folder (``build/compare`` from the command line).
 """
 
 from __future__ import annotations
 
-import copy
-import csv
 import gc
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,7 +44,10 @@ class Row:
     the quantization method decides; the embedding is stored differently by each runtime);
     speeds in tokens/s (prompt: one batched pass over :data:`PROMPT`; generation: :data:`NEW_TOKENS`
     greedy steps); ``quantize_s``: the quantizer's run time when it ran (loading included for the
-    libraries, read from their cache when reused). ``note``: why a row was skipped, or what to know."""
+    libraries, read from their cache when reused). ``note``: why a row was skipped, or what to know.
+    ``library``: what computed the quantized weights ("course_utils", "bitsandbytes", "GPTQModel",
+    "llm-compressor", "llama.cpp", "transformers" for the float model); ``source``: "from scratch" (the
+    course's own code) or "library". ``implementation``: the same with versions, for people to read."""
 
     method: str
     precision: str
@@ -62,6 +64,8 @@ class Row:
     gen_tps: float | None = None
     quantize_s: float | None = None
     note: str = ""
+    library: str = ""
+    source: str = ""
 
     @property
     def label(self) -> str:
@@ -115,91 +119,120 @@ def folder_bytes(path: str | Path) -> int:
 
 
 # ------------------------------------------------------------------------------------ row builders
-# Each returns (a model answering model(input_ids=...), quantize seconds, disk bytes, implementation, note).
 
 
-def _float(ctx: Context):
+@dataclass
+class Built:
+    """What a builder hands back: the model to measure (answers ``model(input_ids=...)``), the quantizer's
+    seconds, bytes on disk (None: nothing is written), bytes in memory, the implementation with its
+    version, and a note."""
+
+    model: torch.nn.Module
+    seconds: float
+    disk_bytes: int | None
+    memory_bytes: int
+    implementation: str
+    note: str
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One PyTorch row to measure: its ``method`` and ``precision``, the ``library`` that quantizes it and
+    whether that is the course's own code ("from scratch") or a library's, and ``build(ctx) -> Built``,
+    which raises :class:`~course_utils.backends.common.BackendUnavailableError` when its library cannot run
+    here (the only error the table turns into a "not run" row)."""
+
+    method: str
+    precision: str
+    library: str
+    source: str
+    build: Callable[[Context], Built]
+
+
+def _float(ctx: Context) -> Built:
     disk = folder_bytes(models.model_dir(ctx.model_name))
-    return ctx.model, 0.0, disk, f"transformers {_version('transformers')}", "the reference"
+    return Built(ctx.model, 0.0, disk, models.model_bytes(ctx.model), f"transformers {_version('transformers')}", "the reference")
 
 
-def _ours(method: str, cfg) -> Callable:
-    def build(ctx: Context):
+def _ours(cfg) -> Callable[[Context], Built]:
+    def build(ctx: Context) -> Built:
         from course_utils.quant import gptq_format, methods
 
-        cal = ctx.calibration if method != "rtn" else None
+        cal = ctx.calibration if cfg.needs_calibration else None
         m, report, _ = methods.quantized_copy(ctx.model, cfg, ctx.model_name, cal)
         description = {"model": ctx.model_name, "config": repr(cfg), "calibration": None if cal is None else methods.calibration_id(cal)}
-        out = cache.entry("compare", f"{ctx.model_name.replace('/', '--')}-{method}", description,
+        out = cache.entry("compare", f"{ctx.model_name.replace('/', '--')}-{cfg.method}", description,
                           code=(methods.METHODS[type(cfg)][0].__name__, gptq_format.__name__))
         if not (out / "config.json").is_file():
             gptq_format.save_gptq_checkpoint(m, ctx.tokenizer, out)
-        return m, report.seconds, folder_bytes(out), f"course_utils.quant.{method}", "on disk: GPTQ checkpoint layout"
+        return Built(m, report.seconds, folder_bytes(out), models.model_bytes(m), f"course_utils.quant.{cfg.method}",
+                     "on disk: GPTQ checkpoint layout")
     return build
 
 
-def _own_layers(kind: str) -> Callable:
-    def build(ctx: Context):
-        from course_utils.quant import llm_int8, nf4
+def _own_layers(cfg) -> Callable[[Context], Built]:
+    def build(ctx: Context) -> Built:
+        from course_utils.quant import methods
 
-        m = copy.deepcopy(ctx.model)
-        start = time.perf_counter()
-        if kind == "int8":
-            llm_int8.quantize_model(m, llm_int8.Int8Config())
-        else:
-            nf4.quantize_model(m, nf4.NF4Config("nf4", 64))
-        module = "llm_int8" if kind == "int8" else "nf4"
-        return m, time.perf_counter() - start, None, f"course_utils.quant.{module}", "quantized when loaded: no file format"
+        m, report, _ = methods.quantized_copy(ctx.model, cfg, ctx.model_name)
+        return Built(m, report.seconds, None, models.model_bytes(m), f"course_utils.quant.{cfg.method}",
+                     "quantized when loaded: no file format")
     return build
 
 
-def _bnb(bits: int) -> Callable:
-    def build(ctx: Context):
+def _bnb(bits: int) -> Callable[[Context], Built]:
+    def build(ctx: Context) -> Built:
         from course_utils.backends import bnb
+        from course_utils.backends.common import BackendUnavailableError
 
-        if not bnb.available():
-            raise RuntimeError("bitsandbytes is not installed")
+        problem = next((p for p in bnb.available().values() if p), None)
+        if problem:
+            raise BackendUnavailableError(problem)
         start = time.perf_counter()
         m, _ = bnb.load_quantized(bnb.BnbSetting(bits=bits), ctx.model_name, ctx.device)
-        return (m, time.perf_counter() - start, None, f"bitsandbytes {bnb.version()}",
-                "quantized when loaded (time includes loading)")
+        return Built(m, time.perf_counter() - start, None, bnb.model_bytes(m), f"bitsandbytes {bnb.version()}",
+                     "quantized when loaded (time includes loading)")
     return build
 
 
-def _gptqmodel(bits: int) -> Callable:
-    def build(ctx: Context):
+def _gptqmodel(bits: int) -> Callable[[Context], Built]:
+    def build(ctx: Context) -> Built:
         from course_utils.backends import gptqmodel as lib
+        from course_utils.backends.common import BackendUnavailableError
 
         problem = lib.available()["gptqmodel"] or lib.available()["optimum"]
         if problem:
-            raise RuntimeError(problem)
-        logging.getLogger("torch._dynamo").setLevel(logging.ERROR)  # its torch layer recompiles per shape, noisily
-        folder, seconds = lib.quantize(models.model_dir(ctx.model_name), bits=bits, group_size=GROUP, act_order=False,
-                                       sym=True, damp=0.01, calibration=ctx.calibration)
-        m, _ = lib.load_quantized(folder, device=ctx.device, backend="gptq_torch" if ctx.device == "cpu" else "auto")
-        return m, seconds, folder_bytes(folder), f"GPTQModel {lib.version()}", "time includes loading and saving"
+            raise BackendUnavailableError(problem)
+        dynamo = logging.getLogger("torch._dynamo")
+        level = dynamo.level
+        dynamo.setLevel(logging.ERROR)  # its torch layer recompiles per shape, noisily
+        try:
+            folder, seconds = lib.quantize(models.model_dir(ctx.model_name), bits=bits, group_size=GROUP, act_order=False,
+                                           sym=True, damp=0.01, calibration=ctx.calibration)
+            m, _ = lib.load_quantized(folder, device=ctx.device, backend="gptq_torch" if ctx.device == "cpu" else "auto")
+        finally:
+            dynamo.setLevel(level)
+        return Built(m, seconds, folder_bytes(folder), models.model_bytes(m), f"GPTQModel {lib.version()}",
+                     "time includes loading and saving")
     return build
 
 
-def _llmcompressor(bits: int) -> Callable:
-    def build(ctx: Context):
+def _llmcompressor(bits: int) -> Callable[[Context], Built]:
+    def build(ctx: Context) -> Built:
         from course_utils.backends import llmcompressor as lib
+        from course_utils.backends.common import BackendUnavailableError
 
         problem = lib.available()["llmcompressor"]
         if problem:
-            raise RuntimeError(problem)
+            raise BackendUnavailableError(problem)
         folder, seconds = lib.awq_quantize(models.model_dir(ctx.model_name), bits=bits, group_size=GROUP, sym=True,
                                            calibration=ctx.small_calibration, duo_scaling=False)
         m, _ = lib.load_quantized(folder, device=ctx.device)
-        m.compressed_bytes = ctx.other_bytes + checkpoint_linear_bytes(folder)
-        return (m, seconds, folder_bytes(folder), f"llm-compressor {lib.version()}",
-                "4 x 256 calibration tokens; time includes loading and saving; scored dequantized, "
-                "memory as if kept compressed")
+        return Built(m, seconds, folder_bytes(folder), ctx.other_bytes + checkpoint_linear_bytes(folder),
+                     f"llm-compressor {lib.version()}",
+                     "4 x 256 calibration tokens; time includes loading and saving; scored dequantized, "
+                     "memory as if kept compressed")
     return build
-
-
-# builder factory -> the implementation a skipped row names
-LIBRARIES = {"_bnb": "bitsandbytes", "_gptqmodel": "GPTQModel", "_llmcompressor": "llm-compressor"}
 
 
 def _version(dist: str) -> str:
@@ -208,23 +241,25 @@ def _version(dist: str) -> str:
     return metadata.version(dist)
 
 
-def row_specs() -> list[tuple[str, str, Callable]]:
-    """(method, precision, builder) for every PyTorch row; the GGUF rows come from :func:`gguf_rows`."""
-    from course_utils.quant import awq, gptq
+def row_specs() -> list[RowSpec]:
+    """Every PyTorch row; the GGUF rows come from :func:`gguf_rows`."""
+    from course_utils.quant import awq, gptq, llm_int8, nf4
     from course_utils.quant.linear import RTNConfig
 
-    g = f"g{GROUP}"
-    specs = [("float", "fp32", _float)]
-    specs += [("RTN", "int8 per channel", _ours("rtn", RTNConfig(bits=8, group_size="channel")))]
-    specs += [("RTN", f"int{b} {g}", _ours("rtn", RTNConfig(bits=b, group_size=GROUP))) for b in (4, 3)]
-    specs += [("LLM.int8", "int8 + fp outliers", _own_layers("int8")), ("LLM.int8", "int8 + fp outliers", _bnb(8)),
-              ("NF4", "nf4 blocks of 64", _own_layers("nf4")), ("NF4", "nf4 blocks of 64", _bnb(4))]
+    g, own = f"g{GROUP}", "from scratch"
+    specs = [RowSpec("float", "fp32", "transformers", "library", _float)]
+    specs += [RowSpec("RTN", "int8 per channel", "course_utils", own, _ours(RTNConfig(bits=8, group_size="channel")))]
+    specs += [RowSpec("RTN", f"int{b} {g}", "course_utils", own, _ours(RTNConfig(bits=b, group_size=GROUP))) for b in (4, 3)]
+    specs += [RowSpec("LLM.int8", "int8 + fp outliers", "course_utils", own, _own_layers(llm_int8.Int8Config())),
+              RowSpec("LLM.int8", "int8 + fp outliers", "bitsandbytes", "library", _bnb(8)),
+              RowSpec("NF4", "nf4 blocks of 64", "course_utils", own, _own_layers(nf4.NF4Config("nf4", 64))),
+              RowSpec("NF4", "nf4 blocks of 64", "bitsandbytes", "library", _bnb(4))]
     for b in (4, 3):
-        specs += [("GPTQ", f"int{b} {g}", _ours("gptq", gptq.GPTQConfig(bits=b, group_size=GROUP))),
-                  ("GPTQ", f"int{b} {g}", _gptqmodel(b))]
+        specs += [RowSpec("GPTQ", f"int{b} {g}", "course_utils", own, _ours(gptq.GPTQConfig(bits=b, group_size=GROUP))),
+                  RowSpec("GPTQ", f"int{b} {g}", "GPTQModel", "library", _gptqmodel(b))]
     for b in (4, 3):
-        specs += [("AWQ", f"int{b} {g}", _ours("awq", awq.AWQConfig(bits=b, group_size=GROUP))),
-                  ("AWQ", f"int{b} {g}", _llmcompressor(b))]
+        specs += [RowSpec("AWQ", f"int{b} {g}", "course_utils", own, _ours(awq.AWQConfig(bits=b, group_size=GROUP))),
+                  RowSpec("AWQ", f"int{b} {g}", "llm-compressor", "library", _llmcompressor(b))]
     return specs
 
 
@@ -254,26 +289,24 @@ def _measure_torch(ctx: Context, row: Row, m: torch.nn.Module, memory_bytes: int
 
 
 def torch_rows(ctx: Context, only: list[str] | None = None, progress: Callable[[str], None] | None = None) -> list[Row]:
-    """Measure every PyTorch row (or those whose method is in ``only``)."""
-    from course_utils.backends import bnb
+    """Measure every PyTorch row (or those whose method is in ``only``). A row whose library cannot run here
+    stays in the table with the reason; any other error is a bug and propagates."""
+    from course_utils.backends.common import BackendUnavailableError
 
     rows = []
-    for method, precision, build in row_specs():
-        if only and method not in only:
+    for spec in row_specs():
+        if only and spec.method not in only:
             continue
-        row = Row(method, precision, "")
+        row = Row(spec.method, spec.precision, spec.library, library=spec.library, source=spec.source)
         try:
-            m, seconds, disk, implementation, note = build(ctx)
-        except Exception as err:  # noqa: BLE001 - a row that cannot run is reported, and the table goes on
-            row.implementation = LIBRARIES.get(build.__qualname__.split(".")[0], "")
-            row.note = f"not run: {type(err).__name__}: {err}"
+            built = spec.build(ctx)
+        except BackendUnavailableError as err:
+            row.note = f"not run: {err}"
         else:
-            row.implementation, row.note, row.quantize_s, row.disk_bytes = implementation, note, seconds, disk
-            size = (bnb.model_bytes(m) if implementation.startswith("bitsandbytes")
-                    else getattr(m, "compressed_bytes", None) or models.model_bytes(m))
-            _measure_torch(ctx, row, m, size)
-            if m is not ctx.model:
-                del m
+            row.implementation, row.note, row.quantize_s, row.disk_bytes = built.implementation, built.note, built.seconds, built.disk_bytes
+            _measure_torch(ctx, row, built.model, built.memory_bytes)
+            if built.model is not ctx.model:
+                del built
             gc.collect()
         rows.append(row)
         if progress:
@@ -291,7 +324,7 @@ def gguf_rows(ctx: Context, types: tuple[str, ...] = GGUF_TYPES) -> list[Row]:
     if ctx.model_name != config.DEFAULT_MODEL:
         problem = "the GGUF rows use the default model's GGUF export (lesson 09); run them with --model default"
     if problem:
-        return [Row("GGUF", t, implementation, note=f"not run: {problem}") for t in types]
+        return [Row("GGUF", t, implementation, note=f"not run: {problem}", library="llama.cpp", source="library") for t in types]
     implementation = f"llama.cpp (llama-cpp-python {_version('llama_cpp_python')})"
     src = llamacpp.export_f16_gguf()
     rows, paths = [], []
@@ -309,7 +342,7 @@ def gguf_rows(ctx: Context, types: tuple[str, ...] = GGUF_TYPES) -> list[Row]:
                         linear_bits=8 * sum(t.n_bytes for t in blocks) / sum(t.n_elements for t in blocks),
                         ppl=c.ppl, ppl_delta_pct=c.ppl_delta_pct,
                         kl_mean=c.kl_mean, top1=c.top1, quantize_s=None if reused else seconds,
-                        note="file reused from the cache" if reused else ""))
+                        note="file reused from the cache" if reused else "", library="llama.cpp", source="library"))
         paths.append(path)
     speeds = llamacpp.decode_speeds(paths, PROMPT, n_tokens=NEW_TOKENS, repeats=2)
     for row, path in zip(rows, paths):
@@ -326,109 +359,3 @@ def run(model_name: str | None = None, device: str | None = None, only: list[str
     if not only or "GGUF" in only:
         rows += gguf_rows(ctx)
     return rows
-
-
-# ------------------------------------------------------------------------------------ output
-
-COLUMNS = ("method", "precision", "implementation", "memory MB", "disk MB", "bits/weight", "Linear bits", "ppl", "delta %",
-           "KL", "top-1 %", "prompt tok/s", "gen tok/s", "quantize s", "note")
-
-
-def _cells(row: Row) -> list[str]:
-    def f(value, fmt):
-        return "" if value is None else format(value, fmt)
-    return [row.method, row.precision, row.implementation, f(row.memory_bytes and row.memory_bytes / 1e6, ".1f"),
-            f(row.disk_bytes and row.disk_bytes / 1e6, ".1f"), f(row.bits_per_weight, ".2f"), f(row.linear_bits, ".2f"),
-            f(row.ppl, ".2f"),
-            f(row.ppl_delta_pct, "+.1f"), f(row.kl_mean, ".3f"), f(row.top1 and 100 * row.top1, ".1f"),
-            f(row.prompt_tps, ".0f"), f(row.gen_tps, ".1f"), f(row.quantize_s, ".1f"), row.note]
-
-
-def to_markdown(rows: list[Row]) -> str:
-    """The table as GitHub markdown."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def to_csv(rows: list[Row], path: str | Path) -> Path:
-    """Every field of every row, unformatted, one line per row."""
-    path = Path(path)
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[f.name for f in fields(Row)])
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-    return path
-
-
-def read_csv(path: str | Path) -> list[Row]:
-    """Rows written by :func:`to_csv`."""
-    numeric = {f.name for f in fields(Row)} - {"method", "precision", "implementation", "note"}
-    with Path(path).open() as fh:
-        return [Row(**{k: (float(v) if v else None) if k in numeric else v for k, v in line.items()})
-                for line in csv.DictReader(fh)]
-
-
-def pareto(rows: list[Row], x: str, lower_x_is_better: bool = True) -> list[Row]:
-    """The measured rows no other row beats on both ``x`` (a Row field) and KL: the best quality for the cost."""
-    measured = [r for r in rows if r.measured and getattr(r, x) is not None]
-    sign = 1 if lower_x_is_better else -1
-    front = []
-    for r in measured:
-        beaten = any(sign * getattr(o, x) <= sign * getattr(r, x) and o.kl_mean <= r.kl_mean
-                     and (sign * getattr(o, x) < sign * getattr(r, x) or o.kl_mean < r.kl_mean) for o in measured)
-        if not beaten:
-            front.append(r)
-    return sorted(front, key=lambda r: sign * getattr(r, x))
-
-
-def plot(rows: list[Row], x: str, xlabel: str, path: str | Path | None = None, lower_x_is_better: bool = True, log_x: bool = False):
-    """KL against ``x`` for every measured row (one colour and marker per method), the Pareto front as a grey
-    line with its rows labelled; saved to ``path`` if given."""
-    import matplotlib.pyplot as plt
-
-    methods = ["float", "RTN", "LLM.int8", "NF4", "GPTQ", "AWQ", "GGUF"]
-    style = {m: (plt.get_cmap("tab10")(i), marker) for i, (m, marker) in enumerate(zip(methods, "*osD^vP"))}
-    measured = [r for r in rows if r.measured and getattr(r, x) is not None and r.kl_mean is not None]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for method in methods:
-        mine = [r for r in measured if r.method == method]
-        if mine:
-            colour, marker = style[method]
-            ax.scatter([getattr(r, x) for r in mine], [max(r.kl_mean, 1e-4) for r in mine], color=colour,
-                       marker=marker, s=50, label=method)
-    front = pareto(rows, x, lower_x_is_better)
-    ax.plot([getattr(r, x) for r in front], [max(r.kl_mean, 1e-4) for r in front], color="grey", lw=1, zorder=0)
-    for r in front:
-        who = r.implementation.split()[0].replace("course_utils.quant.", "own ")
-        ax.annotate(f"{r.method} {r.precision.split()[0]} ({who})", (getattr(r, x), max(r.kl_mean, 1e-4)),
-                    fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_yscale("log")
-    if log_x:
-        from matplotlib.ticker import ScalarFormatter
-
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("mean KL to the float model (nats, log scale; float drawn at 1e-4)")
-    ax.set_title("every measured row; the grey line and the labels: the Pareto front", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=110)
-    return fig
-
-
-def write(rows: list[Row], out_dir: str | Path) -> dict[str, Path]:
-    """``compare.csv``, ``compare.md``, ``quality_vs_size.png`` and ``quality_vs_speed.png`` in ``out_dir``."""
-    import matplotlib.pyplot as plt
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"csv": to_csv(rows, out / "compare.csv"), "md": out / "compare.md",
-             "size": out / "quality_vs_size.png", "speed": out / "quality_vs_speed.png"}
-    files["md"].write_text(to_markdown(rows))
-    for key, (x, label, lower, log_x) in {"size": ("linear_bits", "bits per weight of the Linear layers (log scale)", True, True),
-                                         "speed": ("gen_tps", "generation tokens/s", False, True)}.items():
-        plt.close(plot(rows, x, label, files[key], lower, log_x))
-    return files

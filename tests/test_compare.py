@@ -1,9 +1,10 @@
-"""course_utils.compare: the table's rows, its outputs, and rows that cannot run."""
+"""course_utils.compare and compare_report: the table's rows, its outputs, and rows that cannot run."""
 
 import pytest
 
-from course_utils import compare
-from course_utils.compare import Row
+from course_utils import compare, compare_report
+from course_utils.backends.common import BackendUnavailableError
+from course_utils.compare import Row, RowSpec
 
 
 def _rows():
@@ -17,44 +18,50 @@ def _rows():
 
 
 def test_markdown_has_a_line_per_row_and_blank_cells_for_what_was_not_measured():
-    text = compare.to_markdown(_rows())
+    text = compare_report.to_markdown(_rows())
     lines = text.strip().splitlines()
-    assert len(lines) == 2 + 5 and lines[0].count("|") == len(compare.COLUMNS) + 1
+    assert len(lines) == 2 + 5 and lines[0].count("|") == len(compare_report.COLUMNS) + 1
     assert "| GPTQ | int4 g64 | GPTQModel |  |  |" in text and "not run: RuntimeError" in text
     assert "| AWQ | int4 g64 | course_utils.quant.awq | 170.0 | 175.0 | 10.10 | 4.25 | 14.10 | +20.5 | 0.200 | 76.0 |" in text
 
 
 def test_csv_round_trips_every_field(tmp_path):
-    path = compare.to_csv(_rows(), tmp_path / "t.csv")
-    back = compare.read_csv(path)
+    path = compare_report.to_csv(_rows(), tmp_path / "t.csv")
+    back = compare_report.read_csv(path)
     assert back == _rows()
 
 
 def test_pareto_front_keeps_rows_no_other_row_beats_on_both_axes():
-    front = compare.pareto(_rows(), "linear_bits")
+    front = compare_report.pareto(_rows(), "linear_bits")
     assert [r.method for r in front] == ["AWQ", "float"]    # RTN and Q4_0 are beaten by AWQ at equal or fewer bits
-    fast = compare.pareto(_rows(), "gen_tps", lower_x_is_better=False)
+    fast = compare_report.pareto(_rows(), "gen_tps", lower_x_is_better=False)
     assert [r.method for r in fast] == ["GGUF", "float"]   # float is faster than AWQ here and exact
 
 
 def test_plots_and_files_are_written(tmp_path):
-    files = compare.write(_rows(), tmp_path / "out")
+    files = compare_report.write(_rows(), tmp_path / "out")
     assert {p.name for p in files.values()} == {"compare.csv", "compare.md", "quality_vs_size.png", "quality_vs_speed.png"}
     assert all(p.stat().st_size > 0 for p in files.values())
 
 
 def test_a_row_that_cannot_run_stays_in_the_table_with_its_reason(monkeypatch):
-    def _gptqmodel_like(ctx):
-        raise RuntimeError("needs a CUDA GPU")
+    def unavailable(ctx):
+        raise BackendUnavailableError("GPTQModel could not be imported (no module named gptqmodel)")
 
-    def factory():
-        return _gptqmodel_like
-
-    _gptqmodel_like.__qualname__ = "_gptqmodel.<locals>.build"
-    monkeypatch.setattr(compare, "row_specs", lambda: [("GPTQ", "int4 g64", factory())])
+    monkeypatch.setattr(compare, "row_specs", lambda: [RowSpec("GPTQ", "int4 g64", "GPTQModel", "library", unavailable)])
     rows = compare.torch_rows(ctx=None, progress=None)
     assert len(rows) == 1 and not rows[0].measured
-    assert rows[0].implementation == "GPTQModel" and rows[0].note == "not run: RuntimeError: needs a CUDA GPU"
+    assert (rows[0].implementation, rows[0].library, rows[0].source) == ("GPTQModel", "GPTQModel", "library")
+    assert rows[0].note == "not run: GPTQModel could not be imported (no module named gptqmodel)"
+
+
+def test_a_bug_in_the_course_code_is_not_hidden_as_a_row_that_did_not_run(monkeypatch):
+    def broken(ctx):
+        raise IndexError("a bug in a builder")
+
+    monkeypatch.setattr(compare, "row_specs", lambda: [RowSpec("RTN", "int4 g64", "course_utils", "from scratch", broken)])
+    with pytest.raises(IndexError, match="a bug in a builder"):
+        compare.torch_rows(ctx=None, progress=None)
 
 
 def test_the_command_line_writes_the_table(monkeypatch, tmp_path, capsys):
@@ -67,7 +74,8 @@ def test_the_command_line_writes_the_table(monkeypatch, tmp_path, capsys):
 
 def test_every_method_of_the_course_has_a_row():
     specs = compare.row_specs()
-    assert {m for m, _, _ in specs} == {"float", "RTN", "LLM.int8", "NF4", "GPTQ", "AWQ"}
+    assert {s.method for s in specs} == {"float", "RTN", "LLM.int8", "NF4", "GPTQ", "AWQ"}
+    assert {(s.library, s.source) for s in specs if s.method == "GPTQ"} == {("course_utils", "from scratch"), ("GPTQModel", "library")}
     assert len(specs) == 16 and set(compare.GGUF_TYPES) >= {"Q8_0", "Q6_K", "Q4_K_M", "Q4_0", "Q2_K"}
 
 
