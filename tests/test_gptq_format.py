@@ -6,58 +6,59 @@ import pytest
 import torch
 
 from course_utils.quant import gptq_format as gf
+from course_utils.quant import gptq_layout as gl
 from course_utils.quant import rtn
 from course_utils.quant.linear import QuantLinear, RTNConfig, quantize_model
 
 
-@pytest.mark.parametrize("bits", gf.SUPPORTED_BITS)
+@pytest.mark.parametrize("bits", gl.SUPPORTED_BITS)
 @pytest.mark.parametrize("n", [32, 40, 64, 576])
 def test_codes_to_words_to_codes_is_exact(bits, n):
     gen = torch.Generator().manual_seed(bits * 1000 + n)
     codes = torch.randint(0, 2**bits, (n, 24), generator=gen)
-    packed = gf.pack_along_first_dim(codes, bits)
-    assert packed.dtype == torch.int32 and packed.shape == (gf.packed_words(n, bits), 24)
-    assert torch.equal(gf.unpack_along_first_dim(packed, bits, n).long(), codes)
+    packed = gl.pack_along_first_dim(codes, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (gl.packed_words(n, bits), 24)
+    assert torch.equal(gl.unpack_along_first_dim(packed, bits, n).long(), codes)
 
 
 def test_four_bit_codes_fill_a_word_low_nibble_first():
     codes = torch.arange(8).view(8, 1)  # one column, codes 0..7 along the input dimension
-    assert int(gf.pack_along_first_dim(codes, 4)[0, 0]) == 0x76543210
+    assert int(gl.pack_along_first_dim(codes, 4)[0, 0]) == 0x76543210
     top = torch.full((8, 1), 15)  # all bits set: the int32 reads -1
-    assert int(gf.pack_along_first_dim(top, 4)[0, 0]) == -1
+    assert int(gl.pack_along_first_dim(top, 4)[0, 0]) == -1
 
 
 def test_three_bit_code_ten_straddles_two_words():
     codes = torch.zeros(32, 1, dtype=torch.long)
     codes[10] = 0b111  # stream bits 30, 31 (word 0) and 32 (word 1)
-    packed = gf.pack_along_first_dim(codes, 3)
+    packed = gl.pack_along_first_dim(codes, 3)
     assert packed.shape == (3, 1)
     assert int(packed[0, 0]) & 0xFFFFFFFF == 0b11 << 30 and int(packed[1, 0]) == 1 and int(packed[2, 0]) == 0
 
 
 def test_out_of_range_codes_and_unsupported_widths_are_refused():
     with pytest.raises(ValueError, match="0..15"):
-        gf.pack_along_first_dim(torch.tensor([[16]]), 4)
+        gl.pack_along_first_dim(torch.tensor([[16]]), 4)
     with pytest.raises(ValueError, match="bit-plane"):
-        gf.pack_along_first_dim(torch.zeros(32, 1, dtype=torch.long), 5)
+        gl.pack_along_first_dim(torch.zeros(32, 1, dtype=torch.long), 5)
 
 
-@pytest.mark.parametrize("bits", gf.SUPPORTED_BITS)
-@pytest.mark.parametrize("fmt", gf.CHECKPOINT_FORMATS)
+@pytest.mark.parametrize("bits", gl.SUPPORTED_BITS)
+@pytest.mark.parametrize("fmt", gl.CHECKPOINT_FORMATS)
 def test_zero_points_round_trip_including_zero(bits, fmt):
     gen = torch.Generator().manual_seed(bits)
     zeros = torch.randint(0, 2**bits, (5, 64), generator=gen)
     zeros[0] = 0  # asymmetric zero point 0: "gptq" (v1) stores z - 1, which borrows from the next field
     zeros[1] = 2**bits - 1
-    packed = gf.pack_zeros(zeros, bits, fmt)
-    assert packed.shape == (5, gf.packed_words(64, bits)) and packed.dtype == torch.int32
-    assert torch.equal(gf.unpack_zeros(packed, bits, 64, fmt).long(), zeros)
+    packed = gl.pack_zeros(zeros, bits, fmt)
+    assert packed.shape == (5, gl.packed_words(64, bits)) and packed.dtype == torch.int32
+    assert torch.equal(gl.unpack_zeros(packed, bits, 64, fmt).long(), zeros)
 
 
 def test_symmetric_zero_point_is_stored_minus_one_in_the_classic_format():
     zeros = torch.full((1, 8), 8)
-    assert int(gf.pack_zeros(zeros, 4, "gptq")[0, 0]) == 0x77777777
-    assert int(gf.pack_zeros(zeros, 4, "gptq_v2")[0, 0]) & 0xFFFFFFFF == 0x88888888
+    assert int(gl.pack_zeros(zeros, 4, "gptq")[0, 0]) == 0x77777777
+    assert int(gl.pack_zeros(zeros, 4, "gptq_v2")[0, 0]) & 0xFFFFFFFF == 0x88888888
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -66,7 +67,7 @@ def test_quantlinear_to_gptq_and_back_keeps_codes_scales_and_weight(symmetric, b
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 96, bias=True)
     layer = QuantLinear.from_linear(linear, RTNConfig(bits=bits, group_size=32, symmetric=symmetric))
-    t = gf.pack_layer(layer)
+    t = gl.pack_layer(layer)
     assert t.qweight.shape == (128 * bits // 32, 96) and t.qzeros.shape == (4, 96 * bits // 32)
     assert t.scales.shape == (4, 96) and t.scales.dtype == torch.float16
     assert torch.equal(t.g_idx, torch.arange(128, dtype=torch.int32) // 32)
@@ -83,7 +84,7 @@ def test_quantlinear_to_gptq_and_back_keeps_codes_scales_and_weight(symmetric, b
 def test_symmetric_codes_are_shifted_by_half_the_range():
     layer = QuantLinear(rtn.QuantizedTensor(torch.tensor([[-7, 0, 7, 1]], dtype=torch.int16).repeat(32, 8),
                                             torch.ones(32, 1), None, 4, 32, True), None)
-    t = gf.pack_layer(layer)
+    t = gl.pack_layer(layer)
     assert t.codes()[0, :4].tolist() == [1, 8, 15, 9]
     assert bool((t.zeros() == 8).all())
 
@@ -91,9 +92,9 @@ def test_symmetric_codes_are_shifted_by_half_the_range():
 def test_a_custom_g_idx_must_fit_the_groups():
     layer = QuantLinear.from_linear(torch.nn.Linear(64, 32, bias=False), RTNConfig(4, 32, True))
     perm = torch.arange(64).flip(0) // 32
-    assert torch.equal(gf.pack_layer(layer, g_idx=perm).g_idx, perm.int())
+    assert torch.equal(gl.pack_layer(layer, g_idx=perm).g_idx, perm.int())
     with pytest.raises(ValueError, match="group indices"):
-        gf.pack_layer(layer, g_idx=torch.full((64,), 2))
+        gl.pack_layer(layer, g_idx=torch.full((64,), 2))
 
 
 def _tiny_llama(seed=0):
@@ -177,9 +178,9 @@ def test_packing_matches_gptqmodel_own_packer():
     from gptqmodel.utils.model_dequant import pack_cols
 
     gen = torch.Generator().manual_seed(1)
-    for bits in gf.SUPPORTED_BITS:
+    for bits in gl.SUPPORTED_BITS:
         values = torch.randint(0, 2**bits, (7, 64), generator=gen, dtype=torch.int32)
-        assert torch.equal(gf.pack_along_first_dim(values.T, bits).T.contiguous(), pack_cols(values, bits, pack_dtype=torch.int32))
+        assert torch.equal(gl.pack_along_first_dim(values.T, bits).T.contiguous(), pack_cols(values, bits, pack_dtype=torch.int32))
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
