@@ -175,3 +175,31 @@ def bootstrap_delta_pct(comparison: Comparison, n_chunks: int = 32, n_boot: int 
     deltas = 100.0 * (torch.exp(c[idx].mean(1) - r[idx].mean(1)) - 1.0)
     lo, hi = torch.quantile(deltas, torch.tensor([0.025, 0.975]))
     return float(lo), float(hi)
+
+
+def share_removed(variant: Comparison, baseline: Comparison) -> float:
+    """The share of ``baseline``'s perplexity increase over the float model that ``variant`` removes: 1 when
+    it matches the float model, 0 when it is no better than the baseline, negative when it is worse."""
+    return 1 - (variant.ppl - variant.ref_ppl) / (baseline.ppl - baseline.ref_ppl)
+
+
+class Scoreboard:
+    """Models scored against one float ``reference`` on the same ``windows``, one printed line each.
+
+    :meth:`score` runs :func:`compare` and keeps ``rows[label] = (comparison, seconds)``; the line shows
+    perplexity (and its change), mean KL, top-1 agreement and, if given, the quantizer's seconds, with
+    labels padded to ``width`` characters so that the lines form a table.
+    """
+
+    def __init__(self, reference: Reference, windows: TokenWindows, width: int = 28):
+        self.reference, self.windows, self.width = reference, windows, width
+        self.rows: dict[str, tuple[Comparison, float | None]] = {}
+
+    def score(self, label: str, model, seconds: float | None = None, show: bool = True) -> Comparison:
+        """Compare ``model`` with the reference, keep it under ``label``, print its line (if ``show``)."""
+        c = compare(model, self.reference, self.windows)
+        self.rows[label] = (c, seconds)
+        if show:
+            t = "" if seconds is None else f"  {seconds:6.1f} s"
+            print(f"{label:{self.width}} ppl {c.ppl:7.2f} ({c.ppl_delta_pct:+6.1f} %)  KL {c.kl_mean:.3f}  top-1 {c.top1:.1%}{t}")
+        return c

@@ -80,3 +80,24 @@ def test_bootstrap_interval_of_identical_models_is_zero_and_brackets_a_real_chan
     worse = evaluate.compare(Uniform(64), Oracle(), w)
     lo, hi = evaluate.bootstrap_delta_pct(worse, n_chunks=8)
     assert lo <= worse.ppl_delta_pct <= hi
+
+
+def test_share_removed_is_one_at_the_reference_and_zero_at_the_baseline():
+    w = data.token_windows(torch.arange(32), window=8)
+    worse = evaluate.compare(Uniform(64), Oracle(), w)        # perplexity 64 against 1
+    same = evaluate.compare(Oracle(), Oracle(), w)
+    half = evaluate.compare(Uniform(64), Oracle(), w)
+    half = type(half)(**{**half.__dict__, "ppl": (64.0 + half.ref_ppl) / 2})  # halfway back to the reference
+    assert evaluate.share_removed(same, worse) == pytest.approx(1.0, abs=1e-6)
+    assert evaluate.share_removed(worse, worse) == pytest.approx(0.0)
+    assert evaluate.share_removed(half, worse) == pytest.approx(0.5, rel=1e-4)
+
+
+def test_scoreboard_keeps_each_row_and_prints_one_aligned_line(capsys):
+    w = data.token_windows(torch.arange(32), window=8)
+    board = evaluate.Scoreboard(evaluate.reference_log_probs(Oracle(), w), w, width=12)
+    c = board.score("uniform", Uniform(64), 1.25)
+    board.score("quiet", Oracle(), show=False)
+    assert board.rows["uniform"] == (c, 1.25) and board.rows["quiet"][1] is None
+    line = capsys.readouterr().out
+    assert line == f"uniform      ppl {c.ppl:7.2f} ({c.ppl_delta_pct:+6.1f} %)  KL {c.kl_mean:.3f}  top-1 {c.top1:.1%}     1.2 s\n"
