@@ -1,11 +1,12 @@
-"""From-scratch quantizers, each a small module.
+"""From-scratch quantizers, each a small module, all following one contract.
 
-``rtn``: round-to-nearest quantize/dequantize (symmetric absmax or asymmetric zero-point; per tensor,
-per output channel or per group; 2-8 bits; optional clipping search). ``packing``: codes of any width
-from 1 to 8 bits packed into bytes and back. ``linear``: ``QuantLinear`` (packed codes, dequantized on
-the fly) and ``quantize_model``. ``gptq``: GPTQ, column-by-column rounding with error feedback
-weighted by the inputs' Hessian, layer by layer through a model (stored as ``QuantLinear`` too).
-``awq``: AWQ, per-channel scales searched from activation magnitudes and folded into the previous norm or
-Linear, then a clip search and round-to-nearest; also the salient-channel experiments. ``layerwise``:
-the layer-by-layer plumbing GPTQ and AWQ share (a decoder layer's inputs, its Linear groups).
+``contract``: what every quantizer shares (``QuantizedLayer``, ``Report``, ``replace_linears``,
+``check_finite``). Methods, each with a config dataclass and ``quantize_model(model, config, calibration)``:
+``linear`` (``QuantLinear``, packed codes dequantized on the fly, and RTN for a model), ``llm_int8``,
+``nf4`` (NF4/FP4 and double quantization), ``gptq``, ``awq``; ``methods`` dispatches on the config and
+caches the slow ones (``store``: safetensors keyed on the code that made them). Their parts: ``rtn``
+(round-to-nearest of one tensor), ``packing`` (codes of 1-8 bits into bytes), ``activations`` (input
+statistics of Linear layers), ``layerwise`` (the layer-by-layer loop GPTQ and AWQ share), ``awq_layout``
+(where AWQ's scales go in a Llama layer), ``salient`` (the AWQ paper's salient-channel experiments).
+Formats: ``gptq_layout`` and ``gptq_format`` (GPTQ checkpoints), ``gguf_blocks`` (llama.cpp's blocks).
 """

@@ -1,6 +1,10 @@
 """AWQ (Lin et al., 2023, activation-aware weight quantization): protect the weights that meet large
 activations by scaling them up before rounding, and fold the inverse scale into the operation before.
 
+(About 370 lines, a fifth of them this docstring, the reference lesson 08 and lab 08 point to. Where the
+scales go in a Llama layer is :mod:`course_utils.quant.awq_layout`; the paper's section 3 experiments are
+:mod:`course_utils.quant.salient`.)
+
 A Linear computes ``y = W x``. For any positive vector ``s`` (one entry per input channel),
 ``y = (W diag(s)) (x / s)``: the float model does not change if the columns of ``W`` are multiplied by
 ``s`` and the inputs divided by ``s``. The inputs can be divided for free by folding ``1/s`` into the

@@ -1,6 +1,9 @@
 """GPTQ (Frantar et al., 2022): quantize a weight column by column and let the remaining columns absorb
 each rounding error, weighted by how the layer's inputs correlate.
 
+(About 400 lines, a quarter of them this docstring: the algorithm's steps are written out here once, as the
+reference lesson 07 and lab 07 point to; the code below follows them step by step.)
+
 For a Linear with weight ``W`` (out, in) and calibration inputs ``X`` (n tokens, in), GPTQ looks for
 codes whose dequantized weight ``Q`` keeps the *outputs* close: it minimises ``||(W - Q) X^T||^2``.
 That error only depends on the inputs through the Hessian ``H = 2 X^T X / n`` (in, in):
