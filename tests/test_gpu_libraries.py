@@ -80,9 +80,9 @@ def test_llmcompressor_awq_checkpoint_loads_and_runs_on_cuda(default_on_cuda):
 
 
 def test_gemv_speed_against_the_measured_bandwidth():
-    from course_utils import kernels
+    from course_utils import kernel_sweeps, kernels
 
-    sweep = kernels.gemv_sweep(8192, 8192, [("fp16", None), ("int8", None), ("int4", None)], device="cuda")
+    sweep = kernel_sweeps.gemv_sweep(8192, 8192, [("fp16", None), ("int8", None), ("int4", None)], device="cuda")
     fractions = {t.label: sweep.speed_of_light_fraction(t.label) for t in sweep.timings}
     print(f"read bandwidth {sweep.bandwidth.gbps:.0f} GB/s; speed-of-light fractions {fractions}; skipped {sweep.skipped}")
     assert 0.3 < fractions["fp16"] < 1.2, "an fp16 GEMV of a 128 MiB weight should run near the read bandwidth"

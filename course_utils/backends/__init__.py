@@ -5,10 +5,12 @@ hardware it needs) is missing, raises an error that says what is missing and how
 instead of failing with a bare stack trace. ``available()`` in each module answers the question
 without raising.
 
-- ``llamacpp``: ``llama-cpp-python`` (quantize GGUF files, with an importance matrix if given, run
-  them, score their logits, time prompt processing and generation).
-- ``gguf_file``: the ``gguf`` package: a GGUF file's anatomy, clear errors for broken files, and
-  rewriting a file's tensors (F16 export, your own quantizer).
+- ``gguf_file``: the ``gguf`` package, no llama.cpp: a GGUF file's anatomy and summary, clear errors for
+  broken files, rewriting a file's tensors (F16 export, your own quantizer), and llama.cpp's tensor names
+  for transformers' (gguf's own name map).
+- ``llamacpp``: running llama.cpp through ``llama-cpp-python``: quantize GGUF files (with an importance
+  matrix if given), time prompt processing and generation, score their logits. Imports ``gguf_file``.
+- ``gguf_ladder``: the type ladder: one float GGUF quantized to several types, each scored and timed.
 - ``bnb``: bitsandbytes' layers and transformers' ``BitsAndBytesConfig``.
 - ``gptqmodel``: GPTQ quantization with GPTQModel (cached per setting) and loading GPTQ checkpoints
   through transformers.

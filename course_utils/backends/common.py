@@ -7,6 +7,8 @@
   file beside the library's files, and a later call with the same record reuses it. The library's own
   output is kept in ``quantize.log`` instead of the notebook;
 - :func:`settings_folder`: ``<cache>/<kind>/<name>-<hash of the record>``;
+- :func:`import_library` and :func:`import_status`: import a library or say what is missing and how to
+  install it; ``available()``'s dict of library name -> None or the reason;
 - :func:`probe_import`: whether a module imports, tried in a child process (for libraries that are
   reported on but not used: a failed import can leave half-loaded modules behind).
 """
@@ -29,6 +31,18 @@ from pathlib import Path
 import torch
 
 from course_utils import config
+
+
+def import_library(*names: str, why: Callable[[BaseException], str],
+                   errors: tuple[type[BaseException], ...] = (ImportError,)):
+    """Import the modules ``names`` (``"gguf.quants"`` imports ``gguf`` and its submodule) and return the first
+    one's top-level package; an import that raises one of ``errors`` raises :class:`BackendUnavailableError`
+    with the message ``why(error)`` instead (what is missing and how to install it)."""
+    try:
+        modules = [__import__(name) for name in names]
+    except errors as err:
+        raise BackendUnavailableError(why(err)) from None
+    return modules[0]
 
 
 def import_status(importers: dict[str, Callable[[], object]]) -> dict[str, str | None]:

@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 
 from course_utils import config
-from course_utils.backends.common import BackendUnavailableError, build_checkpoint, calibration_rows, import_status, read_record
-from course_utils.backends.common import reusable, settings_folder, source_fingerprint
+from course_utils.backends.common import BackendUnavailableError, build_checkpoint, calibration_rows, import_library, import_status
+from course_utils.backends.common import read_record, reusable, settings_folder, source_fingerprint
 
 LLMCOMPRESSOR_VERSION = "0.14.0.1"
 COMPRESSED_TENSORS_VERSION = "0.19.0"
@@ -78,14 +78,9 @@ def _import():
 
 
 def _import_compressed_tensors():
-    try:
-        import compressed_tensors
-    except Exception as err:
-        raise BackendUnavailableError(
-            f"compressed-tensors could not be imported ({type(err).__name__}: {err}); transformers needs it to load "
-            f"llm-compressor checkpoints; {_INSTALL_HINT}"
-        ) from None
-    return compressed_tensors
+    return import_library("compressed_tensors", errors=(Exception,), why=lambda err: (
+        f"compressed-tensors could not be imported ({type(err).__name__}: {err}); transformers needs it to load "
+        f"llm-compressor checkpoints; {_INSTALL_HINT}"))
 
 
 def available() -> dict[str, str | None]:
