@@ -155,7 +155,7 @@ def _bnb(bits: int) -> Callable:
     def build(ctx: Context):
         from course_utils.backends import bnb
 
-        if not bnb.available():
+        if bnb.available()["bitsandbytes"]:
             raise RuntimeError("bitsandbytes is not installed")
         start = time.perf_counter()
         m, _ = bnb.load_quantized(bnb.BnbSetting(bits=bits), ctx.model_name, ctx.device)

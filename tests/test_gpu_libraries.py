@@ -17,8 +17,8 @@ def test_bitsandbytes_runs_on_cuda_and_costs_what_lesson_06_says(default_on_cuda
     from course_utils import evaluate
     from course_utils.backends import bnb
 
-    if not bnb.available():
-        pytest.skip("bitsandbytes is not installed")
+    if bnb.available()["bitsandbytes"]:
+        pytest.skip(bnb.available()["bitsandbytes"])
     _, _, windows, float_ppl = default_on_cuda
     model, _ = bnb.load_quantized(bnb.BnbSetting(bits=bits, quant_type=quant_type), "default", "cuda")
     assert bnb.quantized_layer_count(model) > 0

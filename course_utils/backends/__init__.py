@@ -3,7 +3,9 @@
 Each adapter imports its library only when a function is called and, when the library (or the
 hardware it needs) is missing, raises an error that says what is missing and how to install it,
 instead of failing with a bare stack trace. ``available()`` in each module answers the question
-without raising.
+without raising, the same way everywhere: a dict of library name -> ``None`` when it can be used,
+else the reason it cannot. What a library changes in the process (environment variables, loggers,
+progress bars) is put back when the adapter's call ends.
 
 - ``gguf_file``: the ``gguf`` package, no llama.cpp: a GGUF file's anatomy and summary, clear errors for
   broken files, rewriting a file's tensors (F16 export, your own quantizer), and llama.cpp's tensor names
@@ -18,5 +20,6 @@ without raising.
 - ``llmcompressor``: AWQ with llm-compressor (cached per setting; runs on a CPU with one narrow patch) and
   loading its compressed-tensors checkpoints through transformers.
 - ``autoawq``: AutoAWQ is deprecated and not installed; why it is skipped and its API in llm-compressor's names.
-- ``common``: what the adapters share (calibration rows, the settings-keyed checkpoint cache, import probes).
+- ``common``: what the adapters share (calibration rows, the settings-keyed checkpoint cache, import probes,
+  restoring environment variables and progress bars).
 """
