@@ -34,6 +34,7 @@ INSTALL_HINT = "install the course's requirements (`make setup`, or `pip install
 
 
 def _import_gguf():
+    """The ``gguf`` package (with ``gguf.quants``), or ``BackendUnavailableError`` saying how to install it."""
     return import_library("gguf", "gguf.quants", why=lambda err: (
         f"the Python package 'gguf' is needed to read and write GGUF files but could not be "
         f"imported ({err}); {INSTALL_HINT}, or `pip install gguf==0.19.0`"))

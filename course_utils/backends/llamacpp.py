@@ -31,7 +31,9 @@ from course_utils.backends.common import BackendUnavailableError  # noqa: F401 (
 from course_utils.backends.common import import_library, import_status
 from course_utils.backends.gguf_file import INSTALL_HINT, _base_stem, _is_fresh
 
+
 def _import_llama_cpp():
+    """``llama_cpp``, or :class:`BackendUnavailableError` saying how to install llama-cpp-python."""
     return import_library("llama_cpp", why=lambda err: (
         f"the Python package 'llama-cpp-python' is needed to quantize and run GGUF models but "
         f"could not be imported ({err}); {INSTALL_HINT}, or `pip install llama-cpp-python==0.3.36` "
