@@ -326,14 +326,14 @@ def gguf_rows(ctx: Context, types: tuple[str, ...] = GGUF_TYPES) -> list[Row]:
     if problem:
         return [Row("GGUF", t, implementation, note=f"not run: {problem}", library="llama.cpp", source="library") for t in types]
     implementation = f"llama.cpp (llama-cpp-python {_version('llama_cpp_python')})"
-    src = llamacpp.export_f16_gguf()
+    src = gguf_file.export_f16_gguf()
     rows, paths = [], []
     for t in types:
         start = time.perf_counter()
         path = src if t == "F16" else llamacpp.quantize_gguf(src, type_name=t)
         seconds = time.perf_counter() - start
         reused = seconds < 0.1  # a cached file (or the F16 export): llama.cpp itself takes about a second here
-        summary = llamacpp.gguf_summary(path)
+        summary = gguf_file.gguf_summary(path)
         blocks = [t for t in gguf_file.anatomy(path).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
         with llamacpp.LlamaCppLogits(path) as llm:
             c = evaluate.compare(llm, ctx.reference, ctx.windows)

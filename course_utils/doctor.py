@@ -2,6 +2,7 @@
 
 Each check prints OK, INFO or FAIL with a one-line reason. FAIL means a lesson will not run;
 INFO marks something optional (no GPU, a GPU-only library missing). Exit status 1 if any FAIL.
+Disk space is in GB (1e9 bytes), memory in GiB (2**30 bytes), file sizes in MB (1e6 bytes).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ LIBRARIES: list[tuple[str, str, bool]] = [
     ("compressed-tensors", "loading llm-compressor checkpoints in transformers", True),
 ]
 
-MIN_FREE_DISK_GB = 5.0
-MIN_AVAILABLE_MEMORY_GB = 4.0  # GiB
+MIN_FREE_DISK_GB = 5.0  # GB = 1e9 bytes, free where the cache lives
+MIN_AVAILABLE_MEMORY_GIB = 4.0  # GiB = 2**30 bytes of available RAM
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ def check_library(dist: str, purpose: str, required: bool) -> Check:
 
 
 def check_torch_device() -> Check:
-    """Which accelerator torch sees; no GPU is INFO, since every lesson runs on CPU."""
+    """Which accelerator torch sees, with its memory in GiB; no GPU is INFO, since every lesson runs on CPU."""
     from course_utils import hardware
 
     gpus = hardware.gpus()
@@ -95,6 +96,19 @@ def check_gpu_paths() -> list[Check]:
     return checks + [Check("OK" if offload else "INFO", "llama.cpp GPU", detail)]
 
 
+def check_llama_cpu() -> list[Check]:
+    """On a CPU that advertises Intel AMX: do llama.cpp's AMX kernels run, or are they switched off?
+    Elsewhere, nothing to check."""
+    from course_utils.backends import llamacpp
+
+    if not llamacpp.cpu_advertises_amx() or llamacpp.available()["llama_cpp"] is not None:
+        return []
+    if llamacpp.extra_buffer_types_work():
+        return [Check("OK", "llama.cpp AMX", "the CPU's AMX tiles run llama.cpp's kernels")]
+    return [Check("INFO", "llama.cpp AMX", "the CPU advertises AMX but faults on it (a virtual machine?): "
+                  "llama.cpp runs without its extra CPU buffer types here")]
+
+
 def check_default_model() -> Check:
     """The default model's GGUF is present (and whether its converted copy is cached)."""
     from course_utils import models
@@ -109,27 +123,27 @@ def check_default_model() -> Check:
 
 
 def check_disk() -> Check:
-    """Free disk space where the cache lives."""
+    """Free disk space where the cache lives, in GB (1e9 bytes), against :data:`MIN_FREE_DISK_GB`."""
     free = shutil.disk_usage(config.cache_dir()).free / 1e9
     ok = free >= MIN_FREE_DISK_GB
     return Check("OK" if ok else "FAIL", "disk", f"{free:.1f} GB free in {config.cache_dir()}" + ("" if ok else f" (need {MIN_FREE_DISK_GB:.0f} GB)"))
 
 
 def check_memory() -> Check:
-    """Available memory (RAM)."""
+    """Available memory (RAM), in GiB (2**30 bytes), against :data:`MIN_AVAILABLE_MEMORY_GIB`."""
     from course_utils import hardware
 
     m = hardware.describe()
-    ok = m.memory_available_gib >= MIN_AVAILABLE_MEMORY_GB
+    ok = m.memory_available_gib >= MIN_AVAILABLE_MEMORY_GIB
     detail = f"{m.memory_available_gib:.1f} of {m.memory_total_gib:.1f} GiB available; CPU: {m.cpu}, {m.logical_cores} threads"
-    return Check("OK" if ok else "FAIL", "memory", detail + ("" if ok else f" (need {MIN_AVAILABLE_MEMORY_GB:.0f} GiB)"))
+    return Check("OK" if ok else "FAIL", "memory", detail + ("" if ok else f" (need {MIN_AVAILABLE_MEMORY_GIB:.0f} GiB)"))
 
 
 def run_checks() -> list[Check]:
     """All checks, in the order the report prints them."""
     checks = [check_python()]
     checks += [check_library(d, p, r) for d, p, r in LIBRARIES]
-    checks += [check_torch_device(), *check_gpu_paths(), check_default_model(), check_disk(), check_memory()]
+    checks += [check_torch_device(), *check_gpu_paths(), *check_llama_cpu(), check_default_model(), check_disk(), check_memory()]
     return checks
 
 

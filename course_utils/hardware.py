@@ -168,7 +168,8 @@ def cpu_cores() -> tuple[int | None, int]:
 
 @dataclass(frozen=True)
 class GPUInfo:
-    """One CUDA GPU: ``name`` as the driver reports it, ``memory_gib`` total, and its datasheet peak."""
+    """One CUDA GPU: ``name`` as the driver reports it, ``memory_gib`` its total memory in GiB (2**30 bytes),
+    and its datasheet peak bandwidth in GB/s (1e9 bytes/s)."""
 
     index: int
     name: str
@@ -275,22 +276,24 @@ def describe() -> MachineDescription:
 # quantized copy beside the float model. A rule of thumb for the course's lessons, not a law.
 GPU_HEADROOM = 1.5
 
-# Common rental choices, smallest first: (what to rent, total GPU memory in GiB).
+# Common rental choices, smallest first: (what to rent, total GPU memory in GiB = 2**30 bytes). Vendors write
+# "GB" for these sizes, but the memory is counted in binary units (an "80 GB" A100 has 80 GiB); the labels
+# say GiB, like the numbers.
 GPU_CLASSES = (
-    ("T4 (16 GB)", 16),
-    ("L4, A10G or RTX 4090 (24 GB)", 24),
-    ("L40S or RTX 6000 Ada (48 GB)", 48),
-    ("A100 or H100 (80 GB)", 80),
-    ("H200 (141 GB)", 141),
-    ("2 x A100/H100 80 GB", 160),
-    ("2 x H200", 282),
-    ("4 x A100/H100 80 GB", 320),
+    ("T4 (16 GiB)", 16),
+    ("L4, A10G or RTX 4090 (24 GiB)", 24),
+    ("L40S or RTX 6000 Ada (48 GiB)", 48),
+    ("A100 or H100 (80 GiB)", 80),
+    ("H200 (141 GiB)", 141),
+    ("2 x A100/H100 (160 GiB)", 160),
+    ("2 x H200 (282 GiB)", 282),
+    ("4 x A100/H100 (320 GiB)", 320),
 )
 
 
 def smallest_gpu(weight_bytes: float) -> str | None:
-    """The smallest of :data:`GPU_CLASSES` whose memory holds ``weight_bytes`` times :data:`GPU_HEADROOM`
-    (None if none does)."""
+    """The smallest of :data:`GPU_CLASSES` whose memory (GiB x 2**30 bytes) holds ``weight_bytes`` (bytes)
+    times :data:`GPU_HEADROOM`, or None if none does."""
     if not weight_bytes > 0:
         raise ValueError(f"weight_bytes must be positive, got {weight_bytes!r}")
     need = weight_bytes * GPU_HEADROOM

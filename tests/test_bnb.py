@@ -6,7 +6,7 @@ import torch
 from course_utils.backends import bnb
 from course_utils.quant import llm_int8, nf4
 
-needs_bnb = pytest.mark.skipif(not bnb.available(), reason="bitsandbytes is not installed")
+needs_bnb = pytest.mark.skipif(bnb.available()["bitsandbytes"] is not None, reason="bitsandbytes is not installed")
 
 
 @needs_bnb
@@ -47,6 +47,26 @@ def test_own_llm_int8_matches_linear8bitlt():
     rel = lambda a, b: float((a - b).norm() / b.norm())
     assert rel(ours, theirs) < 0.01
     assert rel(ours, ref) < 0.01 and rel(theirs, ref) < 0.01
+
+
+def test_available_reports_like_every_adapter():
+    status = bnb.available()
+    assert set(status) == {"bitsandbytes"}
+    assert status["bitsandbytes"] is None or "pip install bitsandbytes" in status["bitsandbytes"]
+
+
+@needs_bnb
+def test_int8_layer_holds_back_the_cast_note_and_leaves_the_logger_as_it_was(caplog):
+    import logging
+
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    level = log.level
+    layer = bnb.linear8bit(torch.nn.Linear(64, 32), 6.0)
+    with caplog.at_level(logging.WARNING, logger=log.name), torch.no_grad():
+        layer(torch.randn(2, 64))
+        assert not [r for r in caplog.records if "will be cast" in r.getMessage()]
+        assert log.level == logging.WARNING  # as caplog set it, not left at ERROR
+    assert log.level == level
 
 
 def test_cuda_only_feature_on_cpu_says_what_to_use():

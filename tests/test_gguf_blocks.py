@@ -111,7 +111,7 @@ def test_k_quant_dequantization_matches_tensors_llama_cpp_wrote(tmp_path):
     pytest.importorskip("llama_cpp")
     from course_utils.backends import gguf_file, llamacpp
 
-    f16 = llamacpp.export_f16_gguf(dst=tmp_path / "m.F16.gguf")
+    f16 = gguf_file.export_f16_gguf(dst=tmp_path / "m.F16.gguf")
     q4km = llamacpp.quantize_gguf(f16, tmp_path / "m.Q4_K_M.gguf", "Q4_K_M")
     reader = gguf_file.read(q4km)
     seen = set()

@@ -20,10 +20,22 @@ def test_available_names_both_libraries_and_explains_what_is_missing():
 def test_importing_gptqmodel_leaves_the_hugging_face_cache_where_it_was():
     if gm.available()["gptqmodel"]:
         pytest.skip("GPTQModel is not installed")
-    before = {k: os.environ.get(k) for k in ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE")}
+    names = ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE", "GPTQMODEL_CPU_WORKERS", "PATH")
+    before = {k: os.environ.get(k) for k in names}
     gm._import()
     assert {k: os.environ.get(k) for k in before} == before
     assert gm.version() == gm.GPTQMODEL_VERSION
+
+
+def test_the_worker_count_is_set_only_while_the_adapter_calls_gptqmodel(monkeypatch):
+    monkeypatch.delenv("GPTQMODEL_CPU_WORKERS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    path = os.environ.get("PATH")
+    with gm._gptqmodel_env():
+        assert os.environ["GPTQMODEL_CPU_WORKERS"] == "2"
+        os.environ["HF_HOME"] = "/tmp/set-by-a-library"
+    assert "GPTQMODEL_CPU_WORKERS" not in os.environ and os.environ.get("PATH") == path
+    assert os.environ.get("HF_HOME") != "/tmp/set-by-a-library"
 
 
 def test_a_missing_library_raises_with_the_install_hint(monkeypatch):
@@ -86,7 +98,7 @@ def test_load_quantized_refuses_a_folder_without_config(tmp_path):
 
 def test_autogptq_skip_reason_is_one_clear_sentence_naming_the_successor():
     reason = autogptq.skip_reason()
-    if autogptq.available():
+    if autogptq.available()["auto_gptq"] is None:
         assert reason is None
         return
     assert isinstance(reason, str) and reason

@@ -1,9 +1,9 @@
-"""The weight-only GEMV kernels compute the matmul of the weight they claim to store."""
+"""The weight-only GEMV kernels compute the matmul of the weight they claim to store; their timing sweeps run."""
 
 import pytest
 import torch
 
-from course_utils import kernels
+from course_utils import kernel_sweeps, kernels
 
 
 def _weight(out_features=96, in_features=256, seed=0):
@@ -90,9 +90,9 @@ def test_unknown_format_is_reported():
 
 def test_time_gemv_and_sweep():
     w = _weight(256, 512)
-    timing = kernels.time_gemv(kernels.pack_weight(w, "int8"), repeat=3, rotate_bytes=2**20)
+    timing = kernel_sweeps.time_gemv(kernels.pack_weight(w, "int8"), repeat=3, rotate_bytes=2**20)
     assert len(timing.samples_s) == 3 and timing.median_s > 0
-    sweep = kernels.gemv_sweep(256, 512, [("fp32", None), ("int4", torch.bfloat16)], rounds=2, repeat=2, rotate_bytes=2**20)
+    sweep = kernel_sweeps.gemv_sweep(256, 512, [("fp32", None), ("int4", torch.bfloat16)], rounds=2, repeat=2, rotate_bytes=2**20)
     labels = [t.label for t in sweep.timings]
     assert labels == ["fp32", "int4 (bf16 input)"]
     assert sweep.by_label()["fp32"].nbytes == 256 * 512 * 4
@@ -101,7 +101,7 @@ def test_time_gemv_and_sweep():
 
 
 def test_batch_sweep_costs():
-    rows = kernels.matmul_batch_sweep(64, 128, [1, 4], dtype=torch.float32, rounds=1, repeat=2)
+    rows = kernel_sweeps.matmul_batch_sweep(64, 128, [1, 4], dtype=torch.float32, rounds=1, repeat=2)
     assert [r.m for r in rows] == [1, 4]
     assert rows[1].cost.flops == 2 * 4 * 64 * 128
     assert all(r.gflops > 0 for r in rows)

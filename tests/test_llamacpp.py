@@ -1,12 +1,14 @@
-"""The llama.cpp / gguf adapter: float export, quantization, speed, and clear errors when missing."""
+"""The gguf and llama.cpp adapters: GGUF files (float export, summary, anatomy, rewrite, tensor names) and
+llama.cpp (quantization, speed, logits), and clear errors when a library is missing."""
 
 import builtins
 import sys
+import types
 
 import numpy as np
 import pytest
 
-from course_utils.backends import llamacpp
+from course_utils.backends import gguf_file, llamacpp
 
 gguf = pytest.importorskip("gguf")
 
@@ -14,7 +16,7 @@ gguf = pytest.importorskip("gguf")
 @pytest.fixture(scope="module")
 def f16_path(tmp_path_factory):
     """The default model exported to F16 into a fresh folder (about 5 s)."""
-    return llamacpp.export_f16_gguf(dst=tmp_path_factory.mktemp("gguf") / "model.F16.gguf")
+    return gguf_file.export_f16_gguf(dst=tmp_path_factory.mktemp("gguf") / "model.F16.gguf")
 
 
 def test_available_reports_both_libraries():
@@ -48,9 +50,9 @@ def test_type_names():
 def test_base_stem():
     from pathlib import Path
 
-    assert llamacpp._base_stem(Path("SmolLM2-135M-Instruct.Q4_1.gguf")) == "SmolLM2-135M-Instruct"
-    assert llamacpp._base_stem(Path("model.F16.gguf")) == "model"
-    assert llamacpp._base_stem(Path("Llama-3.1-8B.gguf")) == "Llama-3.1-8B"
+    assert gguf_file._base_stem(Path("SmolLM2-135M-Instruct.Q4_1.gguf")) == "SmolLM2-135M-Instruct"
+    assert gguf_file._base_stem(Path("model.F16.gguf")) == "model"
+    assert gguf_file._base_stem(Path("Llama-3.1-8B.gguf")) == "Llama-3.1-8B"
 
 
 @pytest.mark.slow
@@ -84,10 +86,10 @@ def test_f16_export_round_trips_every_tensor(f16_path):
 def test_quantize_and_decode_speed(f16_path, tmp_path):
     pytest.importorskip("llama_cpp")
     q8 = llamacpp.quantize_gguf(f16_path, tmp_path / "model.Q8_0.gguf", "Q8_0")
-    summary = llamacpp.gguf_summary(q8)
+    summary = gguf_file.gguf_summary(q8)
     assert summary.metadata["general.file_type"] == 7
     assert summary.tensor_types["Q8_0"] >= 200 and set(summary.tensor_types) <= {"Q8_0", "F32"}
-    f16 = llamacpp.gguf_summary(f16_path)
+    f16 = gguf_file.gguf_summary(f16_path)
     assert f16.n_parameters == summary.n_parameters
     # Q8_0: 34 bytes per 32 weights; F16: 2 bytes per weight (1-D norms stay F32 in both)
     assert summary.tensor_bytes / f16.tensor_bytes == pytest.approx(34 / 64, rel=0.02)
@@ -107,7 +109,7 @@ def test_quantize_and_decode_speed(f16_path, tmp_path):
 def test_summary_of_the_shipped_model():
     from course_utils.models import default_gguf_path
 
-    summary = llamacpp.gguf_summary(default_gguf_path())
+    summary = gguf_file.gguf_summary(default_gguf_path())
     assert summary.tensor_types == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
     # tied embeddings: no output.weight, so the embedding matrix is read in full every token
     assert summary.bytes_per_token == summary.tensor_bytes
@@ -118,7 +120,6 @@ def test_summary_of_the_shipped_model():
 
 
 def test_anatomy_of_the_shipped_model():
-    from course_utils.backends import gguf_file
     from course_utils.models import default_gguf_path
 
     a = gguf_file.anatomy(default_gguf_path())
@@ -134,7 +135,6 @@ def test_anatomy_of_the_shipped_model():
 
 
 def test_truncated_and_foreign_files_are_named(tmp_path):
-    from course_utils.backends import gguf_file
     from course_utils.models import default_gguf_path
 
     truncated = tmp_path / "cut.gguf"
@@ -154,17 +154,38 @@ def test_truncated_and_foreign_files_are_named(tmp_path):
 
 
 def test_gguf_tensor_names():
-    assert llamacpp.gguf_tensor_name("model.layers.3.mlp.up_proj") == "blk.3.ffn_up.weight"
-    assert llamacpp.gguf_tensor_name("model.layers.12.self_attn.o_proj") == "blk.12.attn_output.weight"
+    assert gguf_file.gguf_tensor_name("model.layers.3.mlp.up_proj") == "blk.3.ffn_up.weight"
+    assert gguf_file.gguf_tensor_name("model.layers.12.self_attn.o_proj") == "blk.12.attn_output.weight"
     with pytest.raises(ValueError, match="lm_head"):
-        llamacpp.gguf_tensor_name("lm_head")
+        gguf_file.gguf_tensor_name("lm_head")
+    with pytest.raises(ValueError, match="arch must be .* got 'nope'"):
+        gguf_file.gguf_tensor_name("model.layers.3.mlp.up_proj", arch="nope")
+
+
+def test_gguf_tensor_names_of_every_linear_of_the_default_model():
+    """gguf's own tensor map gives llama.cpp's names for all 7 Linears of each of the 30 decoder layers."""
+    short = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for layer in range(30):
+        for hf, name in short.items():
+            assert gguf_file.gguf_tensor_name(f"model.layers.{layer}.{hf}") == f"blk.{layer}.{name}.weight"
+
+
+def test_gguf_file_does_not_import_llama_cpp_code():
+    import subprocess
+
+    code = ("import sys, course_utils.backends.gguf_file; "
+            "print('course_utils.backends.llamacpp' in sys.modules, 'llama_cpp' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+    assert set(gguf_file.available()) == {"gguf"}
 
 
 @pytest.mark.slow
 def test_own_quantizer_writes_a_gguf_llama_cpp_runs(f16_path, tmp_path, default_model):
     pytest.importorskip("llama_cpp")
     from course_utils import data, evaluate
-    from course_utils.backends import gguf_file
     from course_utils.quant import gguf_blocks
 
     def to_q8(name, values):
@@ -196,7 +217,6 @@ def test_own_quantizer_writes_a_gguf_llama_cpp_runs(f16_path, tmp_path, default_
 @pytest.mark.slow
 def test_importance_matrix_and_requantize_are_passed_on(f16_path, tmp_path):
     pytest.importorskip("llama_cpp")
-    from course_utils.backends import gguf_file
 
     rng = np.random.default_rng(0)
     imatrix = {f"blk.{i}.attn_q.weight": rng.uniform(0.01, 10, 576) for i in range(30)}
@@ -209,4 +229,25 @@ def test_importance_matrix_and_requantize_are_passed_on(f16_path, tmp_path):
     with pytest.raises(RuntimeError, match="could not quantize"):
         llamacpp.quantize_gguf(plain, tmp_path / "again.Q5_0.gguf", "Q5_0")
     again = llamacpp.quantize_gguf(plain, tmp_path / "again.Q5_0.gguf", "Q5_0", allow_requantize=True)
-    assert llamacpp.gguf_summary(again).tensor_types.get("Q5_0", 0) >= 200
+    assert gguf_file.gguf_summary(again).tensor_types.get("Q5_0", 0) >= 200
+
+
+def test_extra_buffer_types_are_only_probed_where_amx_is_advertised(monkeypatch):
+    llamacpp.extra_buffer_types_work.cache_clear()
+    monkeypatch.setattr(llamacpp, "cpu_advertises_amx", lambda: False)
+    monkeypatch.setattr(llamacpp.subprocess, "run", lambda *a, **k: pytest.fail("no probe without AMX"))
+    assert llamacpp.extra_buffer_types_work()
+    llamacpp.extra_buffer_types_work.cache_clear()
+    monkeypatch.setattr(llamacpp, "cpu_advertises_amx", lambda: True)
+    monkeypatch.setattr(llamacpp.subprocess, "run", lambda *a, **k: types.SimpleNamespace(returncode=-11))  # SIGSEGV
+    assert not llamacpp.extra_buffer_types_work()
+    llamacpp.extra_buffer_types_work.cache_clear()
+
+
+def test_without_extra_buffer_types_switches_them_off_and_back():
+    llama_cpp = pytest.importorskip("llama_cpp")
+    default = llama_cpp.llama_cpp.llama_model_default_params
+    assert default().use_extra_bufts
+    with llamacpp._without_extra_buffer_types(llama_cpp):
+        assert not llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts
+    assert llama_cpp.llama_cpp.llama_model_default_params is default

@@ -150,7 +150,7 @@ def test_autoawq_skip_reason_is_one_clear_sentence_naming_the_successor():
     reason = autoawq.skip_reason()
     assert isinstance(reason, str) and "\n" not in reason and "Traceback" not in reason
     assert "autoawq" in reason and "llm-compressor" in reason and "deprecated" in reason and "CPU" in reason
-    assert ("not installed" in reason) or ("fails" in reason) or autoawq.available()
+    assert ("not installed" in reason) or ("fails" in reason) or autoawq.available()["awq"] is None
 
 
 def test_autoawq_names_map_onto_llmcompressor():
@@ -163,3 +163,17 @@ def test_autoawq_names_map_onto_llmcompressor():
     values = " ".join(renames.values())
     for new in ("oneshot", "AWQModifier", "QuantizationModifier", "save_compressed=True", "AutoModelForCausalLM"):
         assert new in values
+
+
+def test_loading_puts_transformers_progress_bars_back_as_they_were():
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    try:
+        for state in (True, False):
+            (hf_logging.enable_progress_bar if state else hf_logging.disable_progress_bar)()
+            with common.hf_progress_bars_off():
+                assert not hf_logging.is_progress_bar_enabled()
+            assert hf_logging.is_progress_bar_enabled() is state
+    finally:
+        (hf_logging.enable_progress_bar if was_on else hf_logging.disable_progress_bar)()

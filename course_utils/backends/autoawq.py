@@ -8,8 +8,8 @@ CPU it ran but produced a broken model when tried for the course (perplexity abo
 evaluation text, generations of "EEEE"). Code written for it translates step by step: see ``API_RENAMES``.
 
 ``skip_reason()`` says in one sentence why AutoAWQ is not run here (it always gives a reason: even an
-importable AutoAWQ is not used); ``available()`` is True only if ``import awq`` works. The import is tried
-in a child process, never in the running one.
+importable AutoAWQ is not used); ``available()`` reports like every adapter, ``{"awq": None}`` only if
+``import awq`` works, else why not. The import is tried in a child process, never in the running one.
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def _import_problem() -> str | None:
     return _cached["why"]
 
 
-def available() -> bool:
-    """True only if AutoAWQ (``awq``) imports in this environment."""
-    return _import_problem() is None
+def available() -> dict[str, str | None]:
+    """``{"awq": None}`` if AutoAWQ (import name ``awq``) imports in this environment, else ``{"awq": why not}``."""
+    return {"awq": _import_problem()}
 
 
 def skip_reason() -> str:

@@ -7,9 +7,9 @@ import with transformers 5 (``cannot import name 'no_init_weights'``), so the co
 Code written for it translates almost name for name: see ``API_RENAMES``.
 
 ``skip_reason()`` says in one sentence why AutoGPTQ is not run here (not installed, or the error its
-import raises); ``available()`` is True only if it imports. Nothing here imports ``auto_gptq`` into the
-running process: the import is tried in a child process, because a failed import leaves half-loaded
-modules (and, for this package, CUDA libraries) behind.
+import raises); ``available()`` reports like every adapter, ``{"auto_gptq": None}`` only if it imports.
+Nothing here imports ``auto_gptq`` into the running process: the import is tried in a child process,
+because a failed import leaves half-loaded modules (and, for this package, CUDA libraries) behind.
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ def _probe() -> str | None:
     return _cached["reason"]
 
 
-def available() -> bool:
-    """True only if ``auto_gptq`` imports in this environment (it does not with transformers 5)."""
-    return _probe() is None
+def available() -> dict[str, str | None]:
+    """``{"auto_gptq": None}`` if ``auto_gptq`` imports in this environment (it does not with transformers 5),
+    else ``{"auto_gptq": why not}``."""
+    return {"auto_gptq": _probe()}
 
 
 def skip_reason() -> str | None:

@@ -1,14 +1,19 @@
 """Thin adapter to bitsandbytes: its layers and quantizer, and transformers' ``BitsAndBytesConfig``.
 
-bitsandbytes is imported only when a function needs it. ``available()`` says whether it can run here;
-the other functions raise :class:`BnbUnavailableError` with what is missing and what to do instead.
-The default model is loaded from its cached safetensors copy (``models.default_model_dir()``), because
-transformers refuses a bitsandbytes ``quantization_config`` together with a GGUF file.
+bitsandbytes is imported only when a function needs it. ``available()`` says whether it can run here,
+like every adapter: ``{"bitsandbytes": None}``, or the reason it cannot. Without it the other functions
+raise :class:`~course_utils.backends.common.BackendUnavailableError` saying how to install it; a feature
+that needs a CUDA GPU raises :class:`BnbUnavailableError` with what to do on the CPU instead. The default
+model is loaded from its cached safetensors copy (``models.default_model_dir()``), because transformers
+refuses a bitsandbytes ``quantization_config`` together with a GGUF file. bitsandbytes' note that it casts
+float32 inputs to float16, logged on *every* call of an int8 layer, is held back while the layers made here
+run (the lesson states the cast once); its logger is left as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import warnings
@@ -18,6 +23,7 @@ import torch
 from torch import nn
 
 from course_utils import config
+from course_utils.backends.common import BackendUnavailableError, hf_progress_bars_off, import_status
 
 # Features of bitsandbytes that need a CUDA GPU, and what the course runs on the CPU instead.
 CUDA_ONLY = {
@@ -30,16 +36,13 @@ CUDA_ONLY = {
 
 
 class BnbUnavailableError(RuntimeError):
-    """bitsandbytes, or the feature asked for, cannot run on this machine."""
+    """A bitsandbytes feature that needs a CUDA GPU was asked for on another device."""
 
 
-def available() -> bool:
-    """True if bitsandbytes imports here (it runs on the CPU as well as on CUDA)."""
-    try:
-        _import()
-    except BnbUnavailableError:
-        return False
-    return True
+def available() -> dict[str, str | None]:
+    """Whether bitsandbytes can run here: ``{"bitsandbytes": None}`` when it imports (it runs on the CPU as
+    well as on CUDA), else the reason."""
+    return import_status({"bitsandbytes": _import})
 
 
 def _import():
@@ -48,14 +51,34 @@ def _import():
             warnings.simplefilter("ignore")
             import bitsandbytes
     except ImportError as err:
-        raise BnbUnavailableError(
+        raise BackendUnavailableError(
             f"bitsandbytes is not installed ({err}); install it with `pip install bitsandbytes==0.50.2` "
             "(the course's requirements list it), or use the from-scratch course_utils.quant.nf4 and llm_int8"
         ) from None
-    # Linear8bitLt logs "inputs will be cast ... to float16" on *every* call with float32 inputs, which
-    # floods a notebook; the lesson states the cast once in its prose instead.
-    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     return bitsandbytes
+
+
+_CAST_LOG = logging.getLogger("bitsandbytes.autograd._functions")
+_SAVED_LEVELS: list[int] = []
+
+
+def _hold_cast_note(before: bool, *_) -> None:
+    """Forward pre-hook (``before``) and hook of an int8 layer: the cast logger at ERROR during the call,
+    then back at the level it had (a stack, so nested calls restore in order)."""
+    if before:
+        _SAVED_LEVELS.append(_CAST_LOG.level)
+        _CAST_LOG.setLevel(logging.ERROR)
+    elif _SAVED_LEVELS:
+        _CAST_LOG.setLevel(_SAVED_LEVELS.pop())
+
+
+def _quiet_int8_layers(model: nn.Module) -> nn.Module:
+    """``model`` with every ``Linear8bitLt`` in it holding back the per-call cast note while it runs."""
+    for m in model.modules():
+        if type(m).__name__ == "Linear8bitLt":
+            m.register_forward_pre_hook(functools.partial(_hold_cast_note, True))
+            m.register_forward_hook(functools.partial(_hold_cast_note, False), always_call=True)
+    return model
 
 
 def version() -> str:
@@ -111,7 +134,7 @@ def linear8bit(linear: nn.Linear, threshold: float = 6.0) -> nn.Module:
     layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                 has_fp16_weights=False, threshold=threshold)
     layer.load_state_dict(linear.state_dict())
-    return layer.to(linear.weight.device).eval()  # moving the layer quantizes its weight; eval: the int8 path
+    return _quiet_int8_layers(layer.to(linear.weight.device).eval())  # moving quantizes the weight; eval: the int8 path
 
 
 def linear4bit(linear: nn.Linear, quant_type: str = "nf4", double_quant: bool = False,
@@ -163,11 +186,9 @@ def load_quantized(setting: BnbSetting, name: str | None = None, device: str | N
     """
     _import()
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from course_utils import models
 
-    hf_logging.disable_progress_bar()
     name, device = config.model_name(name), config.device(device)
     source = models.default_model_dir() if name == config.DEFAULT_MODEL else name
     if str(source).endswith(".gguf"):
@@ -176,16 +197,17 @@ def load_quantized(setting: BnbSetting, name: str | None = None, device: str | N
     try:
         from transformers import AutoConfig
 
-        if getattr(AutoConfig.from_pretrained(source), "quantization_config", None) is not None:
-            raise ValueError(f"{name!r} is already a quantized checkpoint; bitsandbytes needs float weights. "
-                             "Pick the model's float (bf16/fp16/fp32) release")
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        dtype = torch.float32 if device == "cpu" else torch.bfloat16
-        model = AutoModelForCausalLM.from_pretrained(source, quantization_config=setting.to_config(), dtype=dtype,
-                                                     device_map={"": device}, use_safetensors=True)
+        with hf_progress_bars_off():
+            if getattr(AutoConfig.from_pretrained(source), "quantization_config", None) is not None:
+                raise ValueError(f"{name!r} is already a quantized checkpoint; bitsandbytes needs float weights. "
+                                 "Pick the model's float (bf16/fp16/fp32) release")
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            dtype = torch.float32 if device == "cpu" else torch.bfloat16
+            model = AutoModelForCausalLM.from_pretrained(source, quantization_config=setting.to_config(), dtype=dtype,
+                                                         device_map={"": device}, use_safetensors=True)
     except OSError as err:
         raise models.ModelNotAvailableError(models._offline_message(name, err)) from None
-    model.eval()
+    _quiet_int8_layers(model).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -7,8 +7,12 @@
   file beside the library's files, and a later call with the same record reuses it. The library's own
   output is kept in ``quantize.log`` instead of the notebook;
 - :func:`settings_folder`: ``<cache>/<kind>/<name>-<hash of the record>``;
+- :func:`import_library` and :func:`import_status`: import a library or say what is missing and how to
+  install it; ``available()``'s dict of library name -> None or the reason;
 - :func:`probe_import`: whether a module imports, tried in a child process (for libraries that are
-  reported on but not used: a failed import can leave half-loaded modules behind).
+  reported on but not used: a failed import can leave half-loaded modules behind);
+- :func:`restored_environ` and :func:`hf_progress_bars_off`: what a library changes in the process
+  (environment variables, transformers' progress bars) is put back when the call ends.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +34,18 @@ from pathlib import Path
 import torch
 
 from course_utils import config
+
+
+def import_library(*names: str, why: Callable[[BaseException], str],
+                   errors: tuple[type[BaseException], ...] = (ImportError,)):
+    """Import the modules ``names`` (``"gguf.quants"`` imports ``gguf`` and its submodule) and return the first
+    one's top-level package; an import that raises one of ``errors`` raises :class:`BackendUnavailableError`
+    with the message ``why(error)`` instead (what is missing and how to install it)."""
+    try:
+        modules = [__import__(name) for name in names]
+    except errors as err:
+        raise BackendUnavailableError(why(err)) from None
+    return modules[0]
 
 
 def import_status(importers: dict[str, Callable[[], object]]) -> dict[str, str | None]:
@@ -45,6 +62,35 @@ def import_status(importers: dict[str, Callable[[], object]]) -> dict[str, str |
 
 class BackendUnavailableError(ImportError):
     """A quantization library (or a library it needs) is missing or broken; the message says how to install it."""
+
+
+@contextlib.contextmanager
+def restored_environ(*names: str):
+    """Run the block, then put the environment variables ``names`` back as they were (set to their old
+    value, or removed if they were unset), whatever the block or a library it imports did to them."""
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def hf_progress_bars_off():
+    """transformers' progress bars off while the block runs (loading a checkpoint), then on again if they were."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def calibration_rows(calibration) -> tuple[list, str]:

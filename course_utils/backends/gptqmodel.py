@@ -12,9 +12,11 @@ What to know on a CPU-only machine (measured with GPTQModel 7.7.0, transformers 
 
 - GPTQModel is imported only when a function needs it. Importing it prints a banner, and its
   dependency ``tokenicer`` points ``HF_HOME`` (and the hub caches) at ``/tmp/tokenicer_hf_home``
-  when unset; this adapter puts those variables back as they were.
+  when unset; this adapter puts those variables back as they were when each call ends.
 - GPTQModel sizes its CPU thread pool from the core count; on 2 cores its loader asks for more workers
-  than the pool has and fails, so the adapter sets ``GPTQMODEL_CPU_WORKERS=2`` when it is unset.
+  than the pool has and fails, so while the adapter imports, quantizes or loads it sets
+  ``GPTQMODEL_CPU_WORKERS=2`` when it is unset (and puts ``ninja`` on ``PATH``, see below), and restores
+  both afterwards.
 - Its first quantization compiles a small C++ packing extension, and the first load of a 4-bit
   checkpoint compiles the CPU int4 kernel (about two minutes on 2 cores), both cached in
   ``~/.cache/gptqmodel``.
@@ -38,7 +40,8 @@ import torch
 
 from course_utils import config
 from course_utils.backends.common import (
-    BackendUnavailableError, build_checkpoint, import_status, read_record, reusable, settings_folder,
+    BackendUnavailableError, build_checkpoint, hf_progress_bars_off, import_status, read_record, restored_environ,
+    reusable, settings_folder,
 )
 from course_utils.backends.common import calibration_rows as _calibration_rows
 from course_utils.backends.common import source_fingerprint as _source_fingerprint
@@ -51,34 +54,36 @@ _INSTALL_HINT = (
     "device-smi==0.5.7 protobuf==7.36.2 pypcre==0.6.4 tokenicer==0.0.14 logbar==0.4.15 threadpoolctl==3.8.0 "
     "defuser==0.0.28` (without --no-deps, pip replaces the CPU torch with a multi-GB CUDA build)"
 )
-# Environment variables that importing GPTQModel (through tokenicer) sets when they are unset.
+# Environment variables that importing GPTQModel (through tokenicer) sets when they are unset, and the two
+# that the adapter sets while it calls GPTQModel; all are put back when the call ends.
 _REDIRECTED_ENV = ("HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE", "TORCHINDUCTOR_CACHE_DIR")
+_CALL_ENV = ("GPTQMODEL_CPU_WORKERS", "PATH")
+
+
+@contextlib.contextmanager
+def _gptqmodel_env():
+    """For the block, what GPTQModel needs on this machine: ``GPTQMODEL_CPU_WORKERS=2`` on fewer than 3 cores
+    (unless set) and, when ``PATH`` finds no ``ninja``, the folder of this interpreter in front of ``PATH``
+    (torch's cpp_extension runs ``ninja`` to compile GPTQModel's CPU extensions). Afterwards these and the
+    Hugging Face cache variables tokenicer sets are as they were."""
+    with restored_environ(*_REDIRECTED_ENV, *_CALL_ENV):
+        if (os.cpu_count() or 1) < 3:
+            os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+        venv_bin = str(Path(sys.executable).parent)
+        if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
+            os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+        yield
 
 
 @contextlib.contextmanager
 def _quiet_import():
-    """Silence an import and put back the Hugging Face cache variables that tokenicer sets when unset."""
-    before = {k: os.environ.get(k) for k in _REDIRECTED_ENV}
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    """Silence an import (GPTQModel prints a banner) inside :func:`_gptqmodel_env`."""
+    with _gptqmodel_env(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 def _import():
-    """Import gptqmodel quietly, leaving the Hugging Face cache variables as they were."""
-    if (os.cpu_count() or 1) < 3:
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    # GPTQModel compiles its CPU extensions with torch's cpp_extension, which runs `ninja` from PATH: use the
-    # one pip installed beside this interpreter when the notebook's PATH does not include the venv.
-    venv_bin = str(Path(sys.executable).parent)
-    if shutil.which("ninja") is None and shutil.which("ninja", path=venv_bin):
-        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+    """Import gptqmodel quietly, leaving the environment as it was."""
     try:
         with _quiet_import():
             import gptqmodel
@@ -198,7 +203,8 @@ def quantize(
         model.save(str(folder))
         return {"gptqmodel_cpu_workers": os.environ.get("GPTQMODEL_CPU_WORKERS"), "device": device, "n_samples": len(rows)}
 
-    return out_dir, build_checkpoint(out_dir, CACHE_RECORD, record, build, "GPTQModel", model_dir, quiet)
+    with _gptqmodel_env():
+        return out_dir, build_checkpoint(out_dir, CACHE_RECORD, record, build, "GPTQModel", model_dir, quiet)
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -218,11 +224,9 @@ def load_quantized(path: str | Path, device: str | None = None, dtype: torch.dty
     _import()
     _import_optimum()
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTQConfig
-    from transformers.utils import logging as hf_logging
 
     from course_utils.quant.gptq_format import read_quantization_config
 
-    hf_logging.disable_progress_bar()
     path, device = Path(path), config.device(device)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint folder (no config.json)")
@@ -230,6 +234,8 @@ def load_quantized(path: str | Path, device: str | None = None, dtype: torch.dty
     if backend != "auto":  # a loading option: transformers merges it into the checkpoint's own config
         kwargs["quantization_config"] = GPTQConfig(bits=int(read_quantization_config(path)["bits"]), backend=backend)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_gptqmodel_env())
+        stack.enter_context(hf_progress_bars_off())
         if quiet:
             stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
             stack.enter_context(contextlib.redirect_stderr(io.StringIO()))

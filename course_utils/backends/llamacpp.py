@@ -1,17 +1,20 @@
-"""Adapter to ``gguf`` and ``llama-cpp-python``: export a float GGUF, quantize it, time it.
+"""Running llama.cpp through ``llama-cpp-python``: quantize a GGUF, time it, score its logits.
 
 What it does:
 
-- ``export_f16_gguf``: read a GGUF (by default the course's Q4_1 model) with ``gguf.GGUFReader``,
-  dequantize every tensor with ``gguf.quants.dequantize`` and write a new GGUF with
-  ``gguf.GGUFWriter``: 2-D weights as F16, 1-D tensors (norms) as F32, all metadata copied.
-  llama.cpp's quantizer starts from such a float file.
 - ``quantize_gguf``: make any llama.cpp type (Q8_0, Q4_0, Q4_K_M, ...) with
-  ``llama_cpp.llama_model_quantize``.
-- ``decode_speed``: load a GGUF with llama.cpp and time prompt processing and greedy generation.
-- ``gguf_summary``: tensor counts by type, parameters, bytes, and the bytes one token must read.
+  ``llama_cpp.llama_model_quantize``, with an importance matrix if given;
+- ``decode_speeds`` / ``decode_speed``: load GGUFs with llama.cpp and time prompt processing and greedy
+  generation;
+- ``LlamaCppLogits``: a GGUF that answers ``model(input_ids=ids).logits`` like a transformers model;
+- ``extra_buffer_types_work``: whether llama.cpp's extra CPU buffer types (AMX tiles, repacked weight
+  layouts) run on this machine. Some virtual machines advertise Intel AMX but fault on its instructions,
+  and llama.cpp then dies with a segmentation fault on its first evaluation; there every model is opened
+  with the extra buffer types off (plain CPU kernels: slower prompt processing, the same results).
 
-Files are cached under ``course_utils.config.cache_dir() / "gguf"``, named after their source and type.
+Reading, summarising, exporting and rewriting GGUF files (with the ``gguf`` package, no llama.cpp) is
+:mod:`course_utils.backends.gguf_file`; files are cached under ``<cache>/gguf``, named after their source
+and type.
 """
 
 from __future__ import annotations
@@ -21,104 +24,32 @@ import functools
 import io
 import logging
 import os
-import re
 import statistics
+import subprocess
+import sys
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from course_utils import config
-from course_utils.backends.common import BackendUnavailableError, import_status
+import numpy as np
 
-if TYPE_CHECKING:
-    import numpy as np
-
-_INSTALL_HINT = "install the course's requirements (`make setup`, or `pip install -r requirements.txt`)"
-
-
-def _import_gguf():
-    try:
-        import gguf
-        import gguf.quants
-    except ImportError as err:
-        raise BackendUnavailableError(
-            f"the Python package 'gguf' is needed to read and write GGUF files but could not be "
-            f"imported ({err}); {_INSTALL_HINT}, or `pip install gguf==0.19.0`"
-        ) from None
-    return gguf
+from course_utils.backends import gguf_file
+from course_utils.backends.common import BackendUnavailableError  # noqa: F401 (re-exported for callers)
+from course_utils.backends.common import import_library, import_status
+from course_utils.backends.gguf_file import INSTALL_HINT, _base_stem, _is_fresh
 
 
 def _import_llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError as err:
-        raise BackendUnavailableError(
-            f"the Python package 'llama-cpp-python' is needed to quantize and run GGUF models but "
-            f"could not be imported ({err}); {_INSTALL_HINT}, or `pip install llama-cpp-python==0.3.36` "
-            f"(it compiles llama.cpp: needs cmake and a C++ compiler, about 5 minutes)"
-        ) from None
-    return llama_cpp
+    """``llama_cpp``, or :class:`BackendUnavailableError` saying how to install llama-cpp-python."""
+    return import_library("llama_cpp", why=lambda err: (
+        f"the Python package 'llama-cpp-python' is needed to quantize and run GGUF models but "
+        f"could not be imported ({err}); {INSTALL_HINT}, or `pip install llama-cpp-python==0.3.36` "
+        f"(it compiles llama.cpp: needs cmake and a C++ compiler, about 5 minutes)"))
 
 
 def available() -> dict[str, str | None]:
-    """Which of the two libraries can be used: name -> None when importable, else the reason."""
-    return import_status({"gguf": _import_gguf, "llama_cpp": _import_llama_cpp})
-
-
-def gguf_cache_dir() -> Path:
-    """Folder for the GGUF files this adapter writes."""
-    path = config.cache_dir() / "gguf"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-_TYPE_SUFFIX = re.compile(r"^(F16|F32|BF16|Q\d\w*|IQ\d\w*|TQ\d\w*|MXFP4\w*)$", re.IGNORECASE)
-
-
-def _base_stem(path: Path) -> str:
-    """``SmolLM2-135M-Instruct.Q4_1.gguf`` -> ``SmolLM2-135M-Instruct`` (drops a type suffix)."""
-    stem = path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.stem
-    head, _, tail = stem.rpartition(".")
-    return head if head and _TYPE_SUFFIX.match(tail) else stem
-
-
-def _default_source() -> Path:
-    from course_utils.models import default_gguf_path
-
-    return default_gguf_path()
-
-
-def _is_fresh(dst: Path, src: Path) -> bool:
-    return dst.is_file() and dst.stat().st_size > 0 and dst.stat().st_mtime >= src.stat().st_mtime
-
-
-# ------------------------------------------------------------------------------------ float export
-
-
-def export_f16_gguf(src: str | Path | None = None, dst: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Write a float GGUF: every tensor of ``src`` dequantized; 2-D as F16, 1-D as F32.
-
-    ``src`` defaults to the course's model (``course_utils.models.default_gguf_path()``);
-    ``dst`` defaults to ``<cache>/gguf/<name>.F16.gguf`` and is reused when newer than ``src``.
-    All metadata key/values are copied; ``general.file_type`` is set to 1 (mostly F16).
-    Note: a value dequantized from Q4_1 or Q8_0 is rounded once more to the nearest F16.
-    """
-    gguf = _import_gguf()
-    import numpy as np
-
-    from course_utils.backends import gguf_file
-
-    src = Path(src) if src is not None else _default_source()
-    dst = Path(dst) if dst is not None else gguf_cache_dir() / f"{_base_stem(src)}.F16.gguf"
-    if _is_fresh(dst, src) and not overwrite:
-        return dst
-
-    def to_float(name: str, values: np.ndarray):
-        return values.astype(np.float16 if values.ndim >= 2 else np.float32), None
-
-    return gguf_file.rewrite(src, dst, to_float, file_type=int(gguf.LlamaFileType.MOSTLY_F16))
+    """Which of ``gguf`` and ``llama_cpp`` can be used: name -> None when importable, else the reason."""
+    return {**gguf_file.available(), **import_status({"llama_cpp": _import_llama_cpp})}
 
 
 # ---------------------------------------------------------------------------------------- quantize
@@ -150,32 +81,25 @@ def _quiet_llama_log(verbose: bool):
         logger.setLevel(old)
 
 
-def quantize_gguf(
-    src: str | Path | None,
-    dst: str | Path | None = None,
-    type_name: str = "Q8_0",
-    n_threads: int | None = None,
-    overwrite: bool = False,
-    verbose: bool = False,
-    imatrix: dict[str, "np.ndarray"] | None = None,
-    allow_requantize: bool = False,
-) -> Path:
+def quantize_gguf(src: str | Path | None, dst: str | Path | None = None, type_name: str = "Q8_0",
+                  n_threads: int | None = None, overwrite: bool = False, verbose: bool = False,
+                  imatrix: dict[str, np.ndarray] | None = None, allow_requantize: bool = False) -> Path:
     """Quantize a float GGUF to llama.cpp type ``type_name`` with ``llama_model_quantize``.
 
     ``src``: a float GGUF (``None``: the course model's F16 export from ``export_f16_gguf``).
     ``dst`` defaults to ``<cache>/gguf/<name>.<TYPE>.gguf`` (``<name>.<TYPE>.imatrix-<hash>.gguf`` with
     an importance matrix) and is reused when newer than ``src``.
     Tensors whose row length does not fit a type's block (e.g. 576 for K-quants, blocks of 256)
-    get a fallback type chosen by llama.cpp; ``gguf_summary(dst)`` shows what each tensor got.
+    get a fallback type chosen by llama.cpp; ``gguf_file.gguf_summary(dst)`` shows what each tensor got.
     ``imatrix``: GGUF tensor name -> importance of each input column (the mean squared activation that
     column sees, length = row length); llama.cpp then weighs each weight's rounding error by it.
     ``allow_requantize``: accept a source that is already quantized (see lesson 09 for why not to).
     """
     llama_cpp = _import_llama_cpp()
-    src = Path(src) if src is not None else export_f16_gguf()
+    src = Path(src) if src is not None else gguf_file.export_f16_gguf()
     if dst is None:
         tag = f".imatrix-{_imatrix_hash(imatrix)}" if imatrix else ""
-        dst = gguf_cache_dir() / f"{_base_stem(src)}.{type_name.upper()}{tag}.gguf"
+        dst = gguf_file.gguf_cache_dir() / f"{_base_stem(src)}.{type_name.upper()}{tag}.gguf"
     dst = Path(dst)
     if _is_fresh(dst, src) and not overwrite:
         return dst
@@ -198,26 +122,8 @@ def quantize_gguf(
     return dst
 
 
-_GGUF_LINEAR_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
-
-def gguf_tensor_name(hf_name: str) -> str:
-    """llama.cpp's tensor name for a Llama-style transformers Linear: ``model.layers.3.mlp.up_proj``
-    -> ``blk.3.ffn_up.weight``. ``ValueError`` for a layer llama.cpp names differently."""
-    match = re.fullmatch(r"(?:model\.)?layers\.(\d+)\.(.+)", hf_name)
-    if not match or match.group(2) not in _GGUF_LINEAR_NAMES:
-        raise ValueError(f"no llama.cpp tensor name known for {hf_name!r} (Llama-style decoder Linears only)")
-    return f"blk.{match.group(1)}.{_GGUF_LINEAR_NAMES[match.group(2)]}.weight"
-
-
-def _imatrix_hash(imatrix: dict[str, "np.ndarray"]) -> str:
+def _imatrix_hash(imatrix: dict[str, np.ndarray]) -> str:
     import hashlib
-
-    import numpy as np
 
     h = hashlib.sha256()
     for name in sorted(imatrix):
@@ -225,14 +131,12 @@ def _imatrix_hash(imatrix: dict[str, "np.ndarray"]) -> str:
     return h.hexdigest()[:8]
 
 
-def _imatrix_entries(llama_cpp, imatrix: dict[str, "np.ndarray"]):
+def _imatrix_entries(llama_cpp, imatrix: dict[str, np.ndarray]):
     """A C array of ``llama_model_imatrix_data`` (name, float*, size), ended by an empty entry.
 
     Returns the array and the objects that own its memory; keep them alive during the call.
     """
     import ctypes
-
-    import numpy as np
 
     arrays = {name: np.ascontiguousarray(v, dtype=np.float32) for name, v in imatrix.items()}
     names = {name: ctypes.c_char_p(name.encode()) for name in arrays}
@@ -244,65 +148,6 @@ def _imatrix_entries(llama_cpp, imatrix: dict[str, "np.ndarray"]):
     entries[len(arrays)].name = None
     entries[len(arrays)].size = 0
     return ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data)), (entries, arrays, names)
-
-
-# ----------------------------------------------------------------------------------------- summary
-
-
-@dataclass(frozen=True)
-class GGUFSummary:
-    """What a GGUF holds: tensors per type, parameters, tensor bytes, and bytes read per token.
-
-    ``bytes_per_token``: bytes a decode step must stream: all tensors, except that the token
-    embedding counts as one row when a separate ``output.weight`` exists (a lookup reads one row;
-    with tied embeddings the same matrix is also the output projection and is read in full).
-    """
-
-    path: Path
-    tensor_types: dict[str, int]
-    n_parameters: int
-    tensor_bytes: int
-    bytes_per_token: int
-    metadata: dict[str, object] = field(default_factory=dict)
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8 * self.tensor_bytes / self.n_parameters
-
-
-def gguf_summary(path: str | Path) -> GGUFSummary:
-    """Read a GGUF's tensor table (no tensor data is loaded) and summarise it.
-
-    Parsing the metadata (a vocabulary of tens of thousands of strings) takes a second or more,
-    so results are cached per file path, size and modification time.
-    """
-    path = Path(path)
-    stat = path.stat()
-    return _gguf_summary(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=32)
-def _gguf_summary(path: str, _size: int, _mtime_ns: int) -> GGUFSummary:
-    gguf = _import_gguf()
-    reader = gguf.GGUFReader(path)
-    names = {t.name for t in reader.tensors}
-    types: Counter[str] = Counter()
-    n_params = n_bytes = per_token = 0
-    for tensor in reader.tensors:
-        types[tensor.tensor_type.name] += 1
-        n_params += int(tensor.n_elements)
-        n_bytes += int(tensor.n_bytes)
-        if tensor.name == "token_embd.weight" and "output.weight" in names:
-            rows = int(tensor.shape[-1])
-            per_token += int(tensor.n_bytes) // max(rows, 1)
-        else:
-            per_token += int(tensor.n_bytes)
-    metadata = {}
-    for key in ("general.architecture", "general.name", "general.file_type"):
-        fld = reader.get_field(key)
-        if fld is not None:
-            metadata[key] = fld.contents()
-    return GGUFSummary(Path(path), dict(sorted(types.items())), n_params, n_bytes, per_token, metadata)
 
 
 # ------------------------------------------------------------------------------------ decode speed
@@ -362,24 +207,85 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_advertises_amx() -> bool:
+    """Whether the CPU lists Intel AMX tile instructions (Linux ``/proc/cpuinfo``; False elsewhere)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_tile" in flags
+
+
+_PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, n_threads=1, verbose=False)
+llm.eval(llm.tokenize(b"one two three"))
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def extra_buffer_types_work() -> bool:
+    """Whether llama.cpp may use its extra CPU buffer types here. Only a CPU advertising AMX has been seen to
+    fault, so only there is it tried, once per process, in a child process (a fault would kill this one) on
+    the course's shipped GGUF; when that file is missing, AMX is assumed not to work."""
+    if not cpu_advertises_amx():
+        return True
+    from course_utils import models
+
+    try:
+        gguf = models.default_gguf_path()
+    except models.ModelNotAvailableError:
+        return False
+    try:
+        probe = subprocess.run([sys.executable, "-c", _PROBE, str(gguf)], capture_output=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return False
+    return probe.returncode == 0
+
+
+@contextlib.contextmanager
+def _without_extra_buffer_types(llama_cpp):
+    """While open: every llama.cpp model is loaded with ``use_extra_bufts`` off (then the default comes back)."""
+    low = llama_cpp.llama_cpp
+    default = low.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = default
+
+
+def _open(path: Path, n_ctx: int, n_threads: int, **options):
+    """A quiet ``llama_cpp.Llama`` for ``path``: ``n_ctx`` tokens of context, evaluated in one batch (without
+    the extra CPU buffer types where they fault: :func:`extra_buffer_types_work`)."""
+    llama_cpp = _import_llama_cpp()
+    safe = contextlib.nullcontext() if extra_buffer_types_work() else _without_extra_buffer_types(llama_cpp)
+    with _quiet_llama_log(False), safe:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
+                               n_threads_batch=n_threads, verbose=False, **options)
+
+
+def _close(llm) -> None:
+    with _quiet_llama_log(False):
+        llm.close()
+
+
 class _Runner:
     """One loaded GGUF that can time a prompt plus greedy single-token steps."""
 
     def __init__(self, path: Path, n_threads: int, n_ctx: int):
-        llama_cpp = _import_llama_cpp()
-        self.lib = llama_cpp
-        self.path = path
-        with _quiet_llama_log(False):
-            self.llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                n_batch=n_ctx, verbose=False, seed=0,
-            )
+        self.lib, self.path = _import_llama_cpp(), path
+        self.llm = _open(path, n_ctx, n_threads, seed=0)
         self.n_vocab = self.llm.n_vocab()
         self.runs: list[tuple] = []
 
     def _greedy(self) -> int:
-        import numpy as np
-
         logits = self.lib.llama_get_logits_ith(self.llm.ctx, -1)
         return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
 
@@ -405,12 +311,8 @@ class _Runner:
         median_run = sorted(timed, key=lambda run: sum(run[1]))[len(timed) // 2]
         _, _, t_p_ms, n_p, t_e_ms, n_e = median_run
         return LlamaCppSpeed(
-            path=self.path,
-            n_threads=n_threads,
-            prompt_tokens=n_prompt,
-            gen_tokens=n_tokens,
-            prompt_s=statistics.median(run[0] for run in timed),
-            gen_s=statistics.median(sum(run[1]) for run in timed),
+            path=self.path, n_threads=n_threads, prompt_tokens=n_prompt, gen_tokens=n_tokens,
+            prompt_s=statistics.median(run[0] for run in timed), gen_s=statistics.median(sum(run[1]) for run in timed),
             step_s=tuple(step for run in timed for step in run[1]),
             prompt_tokens_per_s_llama=n_p / (t_p_ms / 1e3) if t_p_ms > 0 else float("nan"),
             gen_tokens_per_s_llama=n_e / (t_e_ms / 1e3) if t_e_ms > 0 else float("nan"),
@@ -419,18 +321,11 @@ class _Runner:
         )
 
     def close(self) -> None:
-        with _quiet_llama_log(False):
-            self.llm.close()
+        _close(self.llm)
 
 
-def decode_speeds(
-    paths: list[str | Path],
-    prompt: str,
-    n_tokens: int = 64,
-    n_threads: int | None = None,
-    repeats: int = 3,
-    n_ctx: int = 512,
-) -> dict[Path, LlamaCppSpeed]:
+def decode_speeds(paths: list[str | Path], prompt: str, n_tokens: int = 64, n_threads: int | None = None,
+                  repeats: int = 3, n_ctx: int = 512) -> dict[Path, LlamaCppSpeed]:
     """Time llama.cpp on several GGUFs, taking turns, so that a busy moment affects them alike.
 
     Each run evaluates the prompt in one batch, then ``n_tokens`` greedy single-token steps; every
@@ -455,18 +350,9 @@ def decode_speeds(
             runner.close()
 
 
-def decode_speed(
-    path: str | Path,
-    prompt: str,
-    n_tokens: int = 64,
-    n_threads: int | None = None,
-    repeats: int = 3,
-    n_ctx: int = 512,
-) -> LlamaCppSpeed:
-    """Time llama.cpp on one GGUF: the prompt in one batch, then ``n_tokens`` greedy steps.
-
-    See ``decode_speeds``.
-    """
+def decode_speed(path: str | Path, prompt: str, n_tokens: int = 64, n_threads: int | None = None,
+                 repeats: int = 3, n_ctx: int = 512) -> LlamaCppSpeed:
+    """Time llama.cpp on one GGUF: the prompt in one batch, then ``n_tokens`` greedy steps (see ``decode_speeds``)."""
     return decode_speeds([path], prompt, n_tokens, n_threads, repeats, n_ctx)[Path(path)]
 
 
@@ -483,20 +369,12 @@ class LlamaCppLogits:
     """
 
     def __init__(self, path: str | Path, n_ctx: int = 512, n_threads: int | None = None):
-        llama_cpp = _import_llama_cpp()
-        self.path = Path(path)
-        self.n_ctx = n_ctx
-        n_threads = n_threads or default_threads()
-        with _quiet_llama_log(False):
-            self.llm = llama_cpp.Llama(
-                model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
-                n_threads_batch=n_threads, logits_all=True, verbose=False,
-            )
+        self.path, self.n_ctx = Path(path), n_ctx
+        self.llm = _open(self.path, n_ctx, n_threads or default_threads(), logits_all=True)
 
     def __call__(self, input_ids):
         import types
 
-        import numpy as np
         import torch
 
         ids = torch.as_tensor(input_ids)
@@ -512,67 +390,10 @@ class LlamaCppLogits:
         return types.SimpleNamespace(logits=torch.stack(rows))
 
     def close(self) -> None:
-        with _quiet_llama_log(False):
-            self.llm.close()
+        _close(self.llm)
 
     def __enter__(self) -> "LlamaCppLogits":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-# ---------------------------------------------------------------------------------- type ladder
-
-
-@dataclass(frozen=True)
-class TypeResult:
-    """One llama.cpp type on the course model: file, quality against the F16 file, speed.
-
-    ``comparison`` is against the F16 GGUF's own logits on the same windows (so F16 scores KL 0);
-    ``quantize_s`` is 0 for the F16 file itself and close to 0 for a file reused from the cache.
-    """
-
-    type_name: str
-    path: Path
-    summary: GGUFSummary
-    comparison: object  # course_utils.evaluate.Comparison
-    quantize_s: float
-    speed: LlamaCppSpeed | None
-
-
-def type_ladder(
-    type_names: list[str],
-    windows,
-    prompt: str | None = None,
-    src: str | Path | None = None,
-    n_tokens: int = 32,
-    repeats: int = 2,
-    imatrix: dict[str, "np.ndarray"] | None = None,
-    progress: bool = False,
-) -> list[TypeResult]:
-    """Quantize ``src`` (a float GGUF; default: the course model's F16 export) to each type, then score
-    every file on ``windows`` against the F16 logits and, with a ``prompt``, time prompt processing and
-    generation (all files take turns, see :func:`decode_speeds`). The first row is F16 itself.
-    """
-    from course_utils import evaluate
-
-    src = Path(src) if src is not None else export_f16_gguf()
-    paths, seconds = {"F16": src}, {"F16": 0.0}
-    for name in type_names:
-        start = time.perf_counter()
-        paths[name] = quantize_gguf(src, type_name=name, imatrix=imatrix)
-        seconds[name] = time.perf_counter() - start
-    with LlamaCppLogits(src, n_ctx=windows.window) as f16:
-        reference = evaluate.reference_log_probs(f16, windows)
-    comparisons = {}
-    for name, path in paths.items():
-        if progress:
-            print(f"scoring {name} ...", flush=True)
-        with LlamaCppLogits(path, n_ctx=windows.window) as model:
-            comparisons[name] = evaluate.compare(model, reference, windows)
-    speeds = decode_speeds(list(paths.values()), prompt, n_tokens=n_tokens, repeats=repeats) if prompt else {}
-    return [
-        TypeResult(name, path, gguf_summary(path), comparisons[name], seconds[name], speeds.get(path))
-        for name, path in paths.items()
-    ]

@@ -29,7 +29,10 @@ transformers 5.24, torch 2.13):
   it the layers stay compressed-tensors modules that decompress on the first forward pass and
   quantize-dequantize their weight again in every forward pass (same outputs, slower on a CPU).
 - llm-compressor logs through ``loguru`` to the console; with ``quiet`` the adapter sends those lines to
-  ``quantize.log`` in the output folder and restores llm-compressor's console logging afterwards.
+  ``quantize.log`` in the output folder and restores llm-compressor's console logging afterwards (the
+  handler its import sets up; importing llm-compressor already removes loguru's other handlers). The
+  ``torch.fx`` logger level it lowers for the run and transformers' progress bars, which loading turns
+  off, are put back as they were.
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ from pathlib import Path
 import torch
 
 from course_utils import config
-from course_utils.backends.common import BackendUnavailableError, build_checkpoint, calibration_rows, import_status, read_record
-from course_utils.backends.common import reusable, settings_folder, source_fingerprint
+from course_utils.backends.common import BackendUnavailableError, build_checkpoint, calibration_rows, import_library, import_status
+from course_utils.backends.common import hf_progress_bars_off, read_record, reusable, settings_folder, source_fingerprint
 
 LLMCOMPRESSOR_VERSION = "0.14.0.1"
 COMPRESSED_TENSORS_VERSION = "0.19.0"
@@ -78,14 +81,9 @@ def _import():
 
 
 def _import_compressed_tensors():
-    try:
-        import compressed_tensors
-    except Exception as err:
-        raise BackendUnavailableError(
-            f"compressed-tensors could not be imported ({type(err).__name__}: {err}); transformers needs it to load "
-            f"llm-compressor checkpoints; {_INSTALL_HINT}"
-        ) from None
-    return compressed_tensors
+    return import_library("compressed_tensors", errors=(Exception,), why=lambda err: (
+        f"compressed-tensors could not be imported ({type(err).__name__}: {err}); transformers needs it to load "
+        f"llm-compressor checkpoints; {_INSTALL_HINT}"))
 
 
 def available() -> dict[str, str | None]:
@@ -287,13 +285,12 @@ def load_quantized(path: str | Path, device: str | None = None, dtype: torch.dty
     """
     _import_compressed_tensors()
     from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
     path, device = Path(path), config.device(device)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint folder (no config.json)")
     with contextlib.ExitStack() as stack:
+        stack.enter_context(hf_progress_bars_off())
         if quiet:
             stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
             stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
