@@ -49,17 +49,22 @@ def test_kl_of_uniform_against_oracle_is_log_vocab():
     # KL(oracle || uniform) = sum p log(p / (1/V)) = log V when the oracle is (almost) one-hot.
     w = data.token_windows(torch.arange(32), window=8)
     c = evaluate.compare(Uniform(64), Oracle(), w)
+    # the oracle's p(true token) = 1 / (1 + 63 e**-60): one-hot to 1e-24, so only float32 rounding is left
     assert c.kl_mean == pytest.approx(math.log(64), rel=1e-4)
     assert c.ppl == pytest.approx(64.0, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_default_model_against_itself(default_model):
     model, tok = default_model
     w = data.evaluation_windows(tok, max_windows=1, window=128)
     c = evaluate.compare(model, model, w)
+    # the same model twice: identical logits, so KL 0 up to float32 rounding of log-softmax (1e-6)
     assert c.kl_mean == pytest.approx(0.0, abs=1e-6) and c.top1 == 1.0
-    assert c.ppl == pytest.approx(evaluate.perplexity(model, w).value, rel=1e-5)
-    assert 2 < c.ppl < 100  # a real language model on real English prose
+    assert c.ppl == pytest.approx(evaluate.perplexity(model, w).value, rel=1e-5)  # two float32 passes
+    # a 135M model on English prose sits far below a uniform guess over its 49,152 tokens and above 2
+    # (even large models stay above 2 on such text); outside that range the windows or the scoring are wrong
+    assert 2 < c.ppl < 100
 
 
 def test_precomputed_reference_gives_the_same_comparison():
