@@ -97,3 +97,22 @@ def logits_of(tiny_calibration):
             return model(input_ids=tiny_calibration if ids is None else ids).logits
 
     return logits
+
+
+@pytest.fixture
+def one_cpu_thread(request):
+    """PyTorch on one CPU thread for the test (``pytestmark = pytest.mark.usefixtures("one_cpu_thread")``),
+    except tests marked slow, whose default-model products do use every core.
+
+    The tiny models' tests are thousands of small tensor operations; with several threads their
+    synchronisation costs far more than the arithmetic as soon as another program shares the cores (10
+    to 50 times more on a busy 2-core machine: the reason ``gptq`` quantizes on one thread too)."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -15,6 +15,8 @@ from course_utils.quant.activations import InputStats, input_statistics
 from course_utils.quant.layerwise import layer_inputs, run_layer
 from course_utils.quant.linear import QuantLinear, RTNConfig, quantize_model
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny models: see conftest
+
 
 def salient_inputs(n=2048, cols=256, seed=0, n_salient=8, boost=20.0):
     """Correlated inputs (n, cols) in which ``n_salient`` channels are ``boost`` times larger."""

@@ -13,6 +13,8 @@ from course_utils.quant.activations import InputStats, capture_inputs
 from course_utils.quant import gptq, layerwise, rtn
 from course_utils.quant.linear import QuantLinear, RTNConfig, quantize_model
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny models: see conftest
+
 
 def correlated_inputs(n=1024, cols=256, seed=0, spread=1.0):
     """Inputs (n, cols) with correlated features whose energies vary by about exp(spread)."""

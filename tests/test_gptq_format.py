@@ -9,6 +9,8 @@ from course_utils.quant import gptq_format as gf
 from course_utils.quant import rtn
 from course_utils.quant.linear import QuantLinear, RTNConfig, quantize_model
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny models: see conftest
+
 
 @pytest.mark.parametrize("bits", gf.SUPPORTED_BITS)
 @pytest.mark.parametrize("n", [32, 40, 64, 576])

@@ -5,6 +5,8 @@ import torch
 
 from course_utils.quant import llm_int8
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny models: see conftest
+
 
 def test_absmax_int8_by_hand():
     codes, scale = llm_int8.absmax_int8(torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]]))

@@ -8,6 +8,8 @@ import torch
 from course_utils.quant import awq, gptq, llm_int8, methods, nf4
 from course_utils.quant.linear import QuantLinear, RTNConfig, quantize_model
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny models: see conftest
+
 
 def test_each_method_quantizes_a_copy_and_the_second_call_is_read_from_the_cache(tiny_llama, tiny_calibration, logits_of):
     model = tiny_llama()

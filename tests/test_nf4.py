@@ -9,6 +9,8 @@ from course_utils import memory, models
 from course_utils.formats import NF4_LEVELS
 from course_utils.quant import nf4, packing
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny models: see conftest
+
 
 def test_nf4_levels_derived_from_normal_quantiles_equal_the_table():
     derived = nf4.nf4_levels_from_normal()

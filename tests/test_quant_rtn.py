@@ -13,6 +13,8 @@ from course_utils.quant import packing, rtn
 from course_utils.memory import bits_per_weight
 from course_utils.quant.linear import QuantLinear, RTNConfig, quantize_model
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny models: see conftest
+
 W = torch.tensor([[0.5, -1.0, 0.25, 2.0]])
 
 
