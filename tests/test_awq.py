@@ -74,6 +74,7 @@ def test_scale_search_beats_rtn_where_some_channels_are_salient():
     x, salient = salient_inputs()
     stats = InputStats.from_inputs(x)
     torch.testing.assert_close(stats.mean_abs, x.abs().mean(0))
+    # a running mean and one product: 2048 float32 terms summed in two orders; entries reach 400 (channels x20)
     torch.testing.assert_close(stats.gram, x.T @ x / x.shape[0], rtol=1e-4, atol=1e-3)
     for symmetric in (True, False):
         found = awq.search_scale(W, stats, 4, 64, symmetric)
@@ -120,7 +121,7 @@ def test_clip_search_picks_a_ratio_per_group_and_lowers_the_output_error():
     heavy[:, ::37] *= 6  # a few outlier weights stretch their groups' ranges
     ratio = awq.search_clip(heavy, gram, 4, 64)
     assert ratio.shape == (96, 4)
-    assert all(any(abs(v - r) < 1e-6 for r in awq.CLIP_RATIOS) for v in ratio.unique().tolist())
+    assert all(any(abs(v - r) < 1e-6 for r in awq.CLIP_RATIOS) for v in ratio.unique().tolist())  # float32 copies (6e-8)
     assert (ratio < 1).any()
     clipped = rtn.quantize(heavy, 4, 64, True, ratio).dequantize()
     assert mse(heavy, clipped, x) < mse(heavy, rtn.fake_quantize(heavy, 4, 64), x)
@@ -354,4 +355,5 @@ def test_awq_quantizes_a_tiny_llama_on_cuda(tiny_llama, tiny_calibration, logits
     assert sum(a != b for a, b in zip(report.alpha.values(), cpu_report.alpha.values())) <= 2  # float sums differ a little
     out = logits_of(model, tiny_calibration.cuda())
     assert torch.isfinite(out).all()
+    # CUDA sums in another order and may pick another alpha for the 2 groups allowed above: a few percent at most
     torch.testing.assert_close(out.cpu(), logits_of(cpu_model), rtol=0.05, atol=0.05)

@@ -155,5 +155,7 @@ def test_k_quant_dequantization_matches_tensors_llama_cpp_wrote(tmp_path):
             theirs = gguf.quants.dequantize(np.array(t.data), t.tensor_type).reshape(w.shape)
             ours = gb.dequantize(gb.quantize(w, "Q4_K"), "Q4_K")
             rmse = lambda a: float(np.sqrt(np.mean((a - w) ** 2)))  # noqa: E731
+            # llama.cpp searches each sub-block's scale and minimum, so its error is the lower; a plain min/max
+            # grid of the same 4 bits stays within 1.6 times it (RTN against a searched clip: tens of percent)
             assert rmse(theirs) <= rmse(ours) < 1.6 * rmse(theirs)
             break

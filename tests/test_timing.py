@@ -13,7 +13,7 @@ def test_speed_of_light_hand_worked():
     # 1 GB per token at 100 GB/s: 100 tokens/s
     assert timing.speed_of_light_tokens_per_s(1e9, 100) == pytest.approx(100.0)
     # a 70e9-parameter model in FP16 (140 GB) at 3350 GB/s: 23.9 tokens/s
-    assert timing.speed_of_light_tokens_per_s(140e9, 3350) == pytest.approx(23.93, abs=0.01)
+    assert timing.speed_of_light_tokens_per_s(140e9, 3350) == pytest.approx(23.93, abs=0.01)  # 23.928..., to 2 decimals
     with pytest.raises(ValueError):
         timing.speed_of_light_tokens_per_s(0, 100)
 
@@ -23,8 +23,9 @@ def test_gemv_and_gemm_intensity():
     gemv = timing.matmul_cost(1, 4096, 4096, bytes_per_weight=2)
     assert gemv.flops == 2 * 4096 * 4096
     assert gemv.total_bytes == 2 * 4096 * 4096 + 2 * 4096 + 2 * 4096
-    assert gemv.intensity == pytest.approx(1.0, rel=1e-3)
+    assert gemv.intensity == pytest.approx(1.0, rel=1e-3)  # the 16 KiB of activations: 0.1 % below 1
     # int4 weights: twice the FLOPs per byte; fp32: half
+    # the activations' 16 KiB, next to 8 MiB of int4 weights, lower it below 4 by 0.2 %
     assert timing.arithmetic_intensity(1, 4096, 4096, 0.5) == pytest.approx(4.0, rel=1e-2)
     assert timing.arithmetic_intensity(1, 4096, 4096, 4, 4) == pytest.approx(0.5, rel=1e-3)
     # square GEMM n=4096 in fp16: 2n^3 / (3 * 2n^2) = n/3
