@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup course test lab doctor clean-cache gpu-setup gpu-test gpu-course
+.PHONY: setup course test test-fast lab doctor clean-cache gpu-setup gpu-test gpu-course
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ course: setup
 ## The whole test suite: unit tests, then every lesson and solution re-executed and compared (nbval).
 test: setup
 	$(PY) -m pytest --nbval --nbval-current-env --nbval-cell-timeout=900 -q
+
+## The unit tests that need neither the default model nor a GPU (under two minutes on two cores).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not gpu" tests
 
 ## JupyterLab on the same environment.
 lab: setup

@@ -1,4 +1,5 @@
-"""Shared fixtures: every test gets a cache folder of its own; the default model is loaded once per session.
+"""Shared fixtures: every test gets a cache folder of its own; the default model is loaded once per session;
+a tiny Llama (built in milliseconds) for the quantizers' model-level tests.
 
 ``COURSE_CACHE`` points at a fresh temporary folder for each test, so that no test reads what another (or
 an earlier run) left behind, and nothing a test writes reaches the learner's cache. The one exception is
@@ -9,6 +10,7 @@ converts it in the real cache once, and each test's folder links to it.
 import os
 
 import pytest
+import torch
 
 from course_utils import config
 
@@ -50,3 +52,67 @@ def default_on_cuda():
     model, tok = models.load_model("default", "cuda")
     windows = data.evaluation_windows(tok, max_windows=2)
     return model, tok, windows, evaluate.perplexity(model, windows).value
+
+
+@pytest.fixture
+def tiny_llama():
+    """A factory: ``tiny_llama(seed=0, heads=4, kv_heads=2, bias=False, tied=False)`` builds a 2-layer
+    ``LlamaForCausalLM`` (vocabulary 256, width 64, MLP 128, ``heads`` attention heads sharing ``kv_heads``
+    key/value heads, ``bias`` on q/k/v/o, ``tied`` input and output embeddings), in eval mode, seeded.
+
+    Its RMSNorm weights are drawn from U(0.5, 1.5) instead of the initial ones: with all-ones norms a
+    scale folded into a norm (AWQ) or a norm forgotten in a layer's inputs (GPTQ's Hessians) would go
+    unnoticed. The same seed gives the same float model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(seed=0, heads=4, kv_heads=2, bias=False, tied=False):
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
+            attention_bias=bias, tie_word_embeddings=tied,
+        )
+        model = LlamaForCausalLM(config).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.uniform_(0.5, 1.5)
+        return model
+
+    return make
+
+
+@pytest.fixture
+def tiny_calibration():
+    """Calibration token ids for the tiny Llama: 8 rows of 32 tokens (256 tokens, AWQ's minimum), seeded."""
+    return torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def logits_of(tiny_calibration):
+    """``logits_of(model, ids=tiny_calibration)``: the model's logits, without gradients."""
+
+    def logits(model, ids=None):
+        with torch.no_grad():
+            return model(input_ids=tiny_calibration if ids is None else ids).logits
+
+    return logits
+
+
+@pytest.fixture
+def one_cpu_thread(request):
+    """PyTorch on one CPU thread for the test (``pytestmark = pytest.mark.usefixtures("one_cpu_thread")``),
+    except tests marked slow, whose default-model products do use every core.
+
+    The tiny models' tests are thousands of small tensor operations; with several threads their
+    synchronisation costs far more than the arithmetic as soon as another program shares the cores (10
+    to 50 times more on a busy 2-core machine: the reason ``gptq`` quantizes on one thread too)."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -36,6 +36,7 @@ def test_texts_are_disjoint_and_large_enough():
     assert not set(data._paragraphs(ev)) & set(data._paragraphs(cal))
 
 
+@pytest.mark.slow
 def test_evaluation_and_calibration_share_no_window(default_model):
     _, tok = default_model
     n = 64
@@ -45,6 +46,7 @@ def test_evaluation_and_calibration_share_no_window(default_model):
     assert not any(tuple(cal[i : i + n]) in ev_windows for i in range(0, len(cal) - n))
 
 
+@pytest.mark.slow
 def test_windows_are_identical_for_every_call(default_model):
     _, tok = default_model
     a, b = data.evaluation_windows(tok), data.evaluation_windows(tok)
@@ -52,6 +54,7 @@ def test_windows_are_identical_for_every_call(default_model):
     assert a.input_ids.shape == (8, 512)
 
 
+@pytest.mark.slow
 def test_calibration_batches_are_seeded(default_model):
     _, tok = default_model
     a = data.calibration_batches(tok, n_samples=4, seq_len=128, seed=1)

@@ -55,14 +55,25 @@ def test_dequantizers_are_bit_exact(fmt):
     np.testing.assert_array_equal(gb.dequantize(raw, fmt), gguf.quants.dequantize(raw, _qtype(fmt)))
 
 
+# The worst rounding error in a block of 32, in units of the block's largest |x|: half a step for the
+# formats with a minimum (Q4_1, Q5_1: range <= 2 absmax, 15 or 31 steps: 1/15, 1/31), a whole step for the
+# symmetric ones whose largest value maps to -8, -16, -32 while the other sign stops at 7, 15, 31 (Q4_0: 1/8,
+# Q5_0: 1/16, Q6_K: 1/32 of its sub-blocks of 16), half a step of 127 for Q8_0 (1/254), and Q4_K as Q4_1
+# plus 1/64 for its sub-scales and minima rounded to 6 bits. Every format adds 2**-10 below for its
+# float16 scales and minima (each off by 2**-11 relative at most).
+WORST_ERROR = {"Q8_0": 1 / 254, "Q4_0": 1 / 8, "Q5_0": 1 / 16, "Q4_1": 1 / 15, "Q5_1": 1 / 31, "Q6_K": 1 / 32, "Q4_K": 1 / 15 + 1 / 64}
+
+
 @pytest.mark.parametrize("fmt", ALL)
 def test_error_is_within_the_grid(fmt):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((8, 512)).astype(np.float32)
-    err = np.abs(gb.dequantize(gb.quantize(x, fmt), fmt) - x)
-    # a few percent of the range for 4 bits, far less for 8: fewer bits, larger error
-    limit = {"Q8_0": 0.02, "Q6_K": 0.1, "Q5_0": 0.2, "Q5_1": 0.2}.get(fmt, 0.45)
-    assert err.max() < limit
+    err = np.abs(gb.dequantize(gb.quantize(x, fmt), fmt) - x).reshape(-1, 32).max(1)
+    absmax = np.abs(x).reshape(-1, 32).max(1)
+    assert (err <= (WORST_ERROR[fmt] + 2**-10) * absmax).all()
+    # and the grid is used: the error is not far below its bound (a quantizer storing floats would pass the
+    # bound alone); on Gaussian blocks the worst block reaches more than half of it
+    assert (err / absmax).max() > 0.5 * WORST_ERROR[fmt]
 
 
 def test_bits_per_weight():
@@ -82,6 +93,17 @@ def test_bad_input_names_the_tensor_and_the_type():
         gb.dequantize(np.zeros((2, 35), np.uint8), "Q8_0")
 
 
+@pytest.mark.parametrize("fmt", ALL)
+@pytest.mark.parametrize("bad", [np.nan, -np.inf])
+def test_nan_or_inf_is_refused_naming_the_tensor_and_the_index(fmt, bad):
+    x = np.random.default_rng(4).standard_normal((4, 256)).astype(np.float32)
+    x[2, 33] = bad
+    x[3, 0] = np.inf  # a second one, later in row-major order
+    label = "nan" if np.isnan(bad) else "-inf"
+    with pytest.raises(ValueError, match=rf"tensor 'blk\.3\.ffn_down\.weight' holds 2 NaN or infinite value\(s\), the first at index \(2, 33\) \({label}\)"):
+        gb.quantize(x, fmt, name="blk.3.ffn_down.weight")
+
+
 @pytest.fixture(scope="module")
 def shipped():
     from course_utils.models import default_gguf_path
@@ -89,6 +111,7 @@ def shipped():
     return default_gguf_path()
 
 
+@pytest.mark.slow
 def test_requantizing_the_shipped_q4_1_reproduces_it_bit_for_bit(shipped):
     from course_utils.backends import gguf_file
 
@@ -98,6 +121,7 @@ def test_requantizing_the_shipped_q4_1_reproduces_it_bit_for_bit(shipped):
         np.testing.assert_array_equal(gb.quantize(gb.dequantize(raw, "Q4_1"), "Q4_1"), raw)
 
 
+@pytest.mark.slow
 def test_bit_exact_on_a_real_tensor(shipped):
     from course_utils.backends import gguf_file
 
@@ -131,5 +155,7 @@ def test_k_quant_dequantization_matches_tensors_llama_cpp_wrote(tmp_path):
             theirs = gguf.quants.dequantize(np.array(t.data), t.tensor_type).reshape(w.shape)
             ours = gb.dequantize(gb.quantize(w, "Q4_K"), "Q4_K")
             rmse = lambda a: float(np.sqrt(np.mean((a - w) ** 2)))  # noqa: E731
+            # llama.cpp searches each sub-block's scale and minimum, so its error is the lower; a plain min/max
+            # grid of the same 4 bits stays within 1.6 times it (RTN against a searched clip: tens of percent)
             assert rmse(theirs) <= rmse(ours) < 1.6 * rmse(theirs)
             break

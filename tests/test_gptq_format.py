@@ -10,6 +10,8 @@ from course_utils.quant import gptq_layout as gl
 from course_utils.quant import rtn
 from course_utils.quant.linear import QuantLinear, RTNConfig, quantize_model
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny models: see conftest
+
 
 @pytest.mark.parametrize("bits", gl.SUPPORTED_BITS)
 @pytest.mark.parametrize("n", [32, 40, 64, 576])
@@ -97,21 +99,11 @@ def test_a_custom_g_idx_must_fit_the_groups():
         gl.pack_layer(layer, g_idx=torch.full((64,), 2))
 
 
-def _tiny_llama(seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True)
-    return LlamaForCausalLM(cfg).eval()
-
-
 EXPECTED_KEYS = {"bits", "group_size", "desc_act", "sym", "lm_head", "quant_method", "checkpoint_format", "pack_dtype", "meta"}
 
 
-def test_writer_lays_out_a_gptq_checkpoint(tmp_path):
-    model = _tiny_llama()
+def test_writer_lays_out_a_gptq_checkpoint(tmp_path, tiny_llama):
+    model = tiny_llama(tied=True)
     quantize_model(model, RTNConfig(bits=4, group_size=32, symmetric=True))
     out = gf.save_gptq_checkpoint(model, None, tmp_path / "ckpt")
     cfg = json.loads((out / "config.json").read_text())
@@ -129,11 +121,11 @@ def test_writer_lays_out_a_gptq_checkpoint(tmp_path):
         assert layer.qweight.dtype == torch.int32 and layer.g_idx.dtype == torch.int32
 
 
-def test_a_checkpoint_loads_back_into_the_course_quantlinear_with_identical_logits(tmp_path):
-    model = _tiny_llama()
+def test_a_checkpoint_loads_back_into_the_course_quantlinear_with_identical_logits(tmp_path, tiny_llama):
+    model = tiny_llama(tied=True)
     quantize_model(model, RTNConfig(bits=4, group_size=32, symmetric=False))
     out = gf.save_gptq_checkpoint(model, None, tmp_path / "ckpt")
-    fresh = _tiny_llama()  # same seed: same float tensors outside the quantized layers
+    fresh = tiny_llama(tied=True)  # same seed: same float tensors outside the quantized layers (norms included)
     assert gf.load_into_model(fresh, out) == 14
     ids = torch.arange(40).view(2, 20)
     with torch.inference_mode():
@@ -142,20 +134,20 @@ def test_a_checkpoint_loads_back_into_the_course_quantlinear_with_identical_logi
         gf.load_into_model(fresh, out)  # its layers are QuantLinear now
 
 
-def test_per_channel_layers_of_different_widths_are_written_as_group_size_minus_one(tmp_path):
-    model = _tiny_llama()
+def test_per_channel_layers_of_different_widths_are_written_as_group_size_minus_one(tmp_path, tiny_llama):
+    model = tiny_llama(tied=True)
     quantize_model(model, RTNConfig(bits=8, group_size="channel", symmetric=True))  # rows of 64 and of 128
     out = gf.save_gptq_checkpoint(model, None, tmp_path / "ckpt")
     assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == -1
-    fresh = _tiny_llama()
+    fresh = tiny_llama(tied=True)
     assert gf.load_into_model(fresh, out) == 14
     ids = torch.arange(40).view(2, 20)
     with torch.inference_mode():
         assert torch.equal(model(input_ids=ids).logits, fresh(input_ids=ids).logits)
 
 
-def test_writer_refuses_mixed_settings_and_models_without_quantlinear(tmp_path):
-    model = _tiny_llama()
+def test_writer_refuses_mixed_settings_and_models_without_quantlinear(tmp_path, tiny_llama):
+    model = tiny_llama(tied=True)
     with pytest.raises(ValueError, match="no QuantLinear"):
         gf.save_gptq_checkpoint(model, None, tmp_path / "a")
     quantize_model(model, RTNConfig(4, 32, True), only=["model.layers.0.mlp.up_proj"])
@@ -184,13 +176,13 @@ def test_packing_matches_gptqmodel_own_packer():
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_exported_model_reloads_in_transformers_with_the_same_logits(tmp_path, symmetric):
+def test_exported_model_reloads_in_transformers_with_the_same_logits(tmp_path, symmetric, tiny_llama):
     reason = _gptqmodel_reason()
     if reason:
         pytest.skip(f"transformers needs GPTQModel and optimum to load GPTQ checkpoints: {reason}")
     from course_utils.backends import gptqmodel
 
-    model = _tiny_llama()
+    model = tiny_llama(tied=True)
     if not symmetric:  # groups whose zero point is 0 (all weights >= 0) and 15 (all <= 0): the v1 edge cases
         with torch.no_grad():
             w = model.model.layers[0].mlp.up_proj.weight
@@ -206,4 +198,6 @@ def test_exported_model_reloads_in_transformers_with_the_same_logits(tmp_path, s
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         a, b = model(input_ids=ids).logits, reloaded(input_ids=ids).logits
+    # the checkpoint holds the bias in float16 (2**-11 relative) and GPTQModel dequantizes in its own order:
+    # the logits (about 1 in size) move by about 2e-4; 2e-3 allows for that, a zero point off by one does not
     assert torch.allclose(a, b, atol=2e-3, rtol=1e-3), float((a - b).abs().max())

@@ -20,6 +20,7 @@ def test_cuda_bandwidth_probe_is_plausible_against_the_datasheet():
     peak = hardware.gpus()[0].peak_bandwidth_gbps
     assert measured > 100
     if peak:
+        # a streaming sum reaches a good part of the datasheet figure; beyond it, the probe or the table is wrong
         assert 0.3 * peak < measured < 1.05 * peak
 
 
@@ -43,7 +44,7 @@ def test_quant_linear_runs_on_cuda():
     linear = torch.nn.Linear(512, 256).cuda()
     q = QuantLinear.from_linear(linear, RTNConfig(4, 64)).cuda()
     x = torch.randn(2, 512, device="cuda")
-    assert torch.allclose(q(x), x @ q.dequantized_weight().T + linear.bias, atol=1e-4)
+    assert torch.allclose(q(x), x @ q.dequantized_weight().T + linear.bias, atol=1e-4)  # 512-term float32 sums, two orders
 
 
 def test_default_model_perplexity_on_cuda_matches_cpu(default_on_cuda):
@@ -52,4 +53,4 @@ def test_default_model_perplexity_on_cuda_matches_cpu(default_on_cuda):
     _, _, windows, gpu_ppl = default_on_cuda
     cpu_model, _ = models.load_model("default", "cpu")
     cpu_ppl = evaluate.perplexity(cpu_model, windows).value
-    assert abs(gpu_ppl / cpu_ppl - 1) < 0.005
+    assert abs(gpu_ppl / cpu_ppl - 1) < 0.005  # float32 on both: only the order of the sums differs

@@ -9,6 +9,25 @@ from course_utils import config, labs
 
 ROOT = config.repo_root()
 SOLUTIONS = sorted((ROOT / "solutions").glob("[0-9][0-9]_*.ipynb"))
+LOADS_THE_MODEL = ("load_model", "default_model_dir", "calibration_batches", "evaluation_windows")
+
+
+def _loads_the_default_model(lab: Path) -> bool:
+    """Whether a cell before the lab's first exercise loads the default model (or its tokenizer): the run
+    then takes tens of seconds before it reaches the exercise."""
+    for cell in nbformat.read(lab, as_version=4).cells:
+        if cell.cell_type != "code":
+            continue
+        if "NotImplementedError" in cell.source:
+            return False
+        if any(word in cell.source for word in LOADS_THE_MODEL):
+            return True
+    return False
+
+
+def _lab_param(solution: Path):
+    slow = _loads_the_default_model(labs.lab_path(solution)) if labs.lab_path(solution).is_file() else False
+    return pytest.param(solution, id=solution.name, marks=[pytest.mark.slow] if slow else [])
 
 
 def test_stub_replaces_marked_region_and_keeps_the_rest():
@@ -44,7 +63,7 @@ def test_every_solution_has_a_lab_in_sync():
     assert labs.sync(ROOT, check=True) == [], "run `python -m course_utils labs` to regenerate the labs"
 
 
-@pytest.mark.parametrize("solution", SOLUTIONS, ids=lambda p: p.name)
+@pytest.mark.parametrize("solution", [_lab_param(p) for p in SOLUTIONS])
 def test_lab_as_shipped_is_unsolved(solution: Path):
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError

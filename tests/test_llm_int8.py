@@ -5,6 +5,8 @@ import torch
 
 from course_utils.quant import llm_int8
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny models: see conftest
+
 
 def test_absmax_int8_by_hand():
     codes, scale = llm_int8.absmax_int8(torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]]))
@@ -34,9 +36,40 @@ def test_decomposition_repairs_per_tensor_quantization_of_an_outlier_feature():
     for name, thr, gran in (("tensor", None, "tensor"), ("tensor+split", 6.0, "tensor"), ("llm.int8", 6.0, "row")):
         y = llm_int8.Int8Linear(lin, thr, gran)(x)
         err[name] = float((y - ref).norm() / ref.norm())
+    # taking the outlier feature out of the per-tensor scale: 4.3-5.2 times less error over seeds 0-4
     assert err["tensor"] > 3 * err["tensor+split"], err
-    assert err["llm.int8"] < 0.02
+    # int8 rows of uniform weights (absmax = sqrt(3) rms): rounding error absmax / (127 sqrt(12)) = 0.39 %
+    # of a row's size, which the outputs inherit (0.33-0.45 % over seeds 0-4); 1 % means something else broke
+    assert err["llm.int8"] < 0.01, err
 
+
+def test_nan_weights_and_activations_are_refused_with_their_index(tiny_llama):
+    x = torch.randn(6, 64)
+    x[4, 17] = float("nan")
+    with pytest.raises(ValueError, match=r"the inputs holds 1 NaN or infinite value\(s\), the first at index \(4, 17\)"):
+        llm_int8.absmax_int8(x, name="the inputs")
+    layer = llm_int8.Int8Linear(torch.nn.Linear(64, 8))
+    with pytest.raises(ValueError, match=r"the activations holds 1 NaN or infinite value\(s\), the first at index \(4, 17\)"):
+        layer(x)
+    x[4, 17] = float("inf")
+    with pytest.raises(ValueError, match=r"the activations holds 1 NaN or infinite value\(s\), the first at index \(4, 17\) \(inf\)"):
+        llm_int8.Int8Linear(torch.nn.Linear(64, 8), threshold=None)(x)  # no decomposition: all of x is rounded
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight holds 1 NaN or infinite value\(s\), the first at index \(3, 5\)"):
+        llm_int8.quantize_model(model)
+
+@pytest.mark.xfail(strict=True, reason=(
+    "an infinite activation reaches the outlier threshold, so llm_int8_matmul sends its feature to the float "
+    "path, which is never checked: the output is inf with no error, while threshold=None refuses the same input"))
+def test_an_infinite_activation_is_refused_with_the_decomposition_too():
+    torch.manual_seed(0)
+    layer = llm_int8.Int8Linear(torch.nn.Linear(64, 8))  # threshold 6.0
+    x = torch.randn(6, 64)
+    x[4, 17] = float("inf")
+    with pytest.raises(ValueError, match=r"the activations holds 1 NaN or infinite value\(s\), the first at index \(4, 17\) \(inf\)"):
+        layer(x)
 
 def test_int8_matmul_is_exact_on_integer_products():
     xc = torch.full((1, 4096), 127, dtype=torch.int8)
@@ -74,11 +107,18 @@ def test_measure_outliers_on_a_tiny_model():
             h = self.q(h) + self.k(h)
             return self.up(h * 10)
 
+    torch.manual_seed(0)
     model = Tiny()
-    stats = llm_int8.measure_outliers(model, torch.tensor([[1, 2, 3]]))
+    ids = torch.tensor([[1, 2, 3]])
+    stats = llm_int8.measure_outliers(model, ids)
     assert stats.absmax.shape == (2, 4) and stats.position_share.shape == (2, 4)  # q and k share one input: counted once
     assert stats.names == ("q", "up")
-    assert stats.per_feature().shape == (4,)
+    with torch.no_grad():  # the two inputs, computed here: the embeddings, and 10 x (q + k) of them
+        h = model.emb(ids)[0]
+        up_in = (model.q(h) + model.k(h)) * 10
+    assert torch.equal(stats.absmax, torch.stack([h.abs().amax(0), up_in.abs().amax(0)]))
+    assert torch.equal(stats.position_share, torch.stack([(h.abs() >= 6).float().mean(0), (up_in.abs() >= 6).float().mean(0)]))
+    assert torch.equal(stats.per_feature(), torch.maximum(h.abs().amax(0), up_in.abs().amax(0)))
 
 
 def test_outlier_stats_per_layer_groups_inputs_by_layer_index():

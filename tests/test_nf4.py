@@ -5,15 +5,17 @@ import math
 import pytest
 import torch
 
-from course_utils import memory
+from course_utils import memory, models
 from course_utils.formats import NF4_LEVELS
 from course_utils.quant import nf4, packing
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny models: see conftest
 
 
 def test_nf4_levels_derived_from_normal_quantiles_equal_the_table():
     derived = nf4.nf4_levels_from_normal()
     assert derived.shape == (16,)
-    assert (derived - torch.tensor(NF4_LEVELS)).abs().max() < 2e-7
+    assert (derived - torch.tensor(NF4_LEVELS)).abs().max() < 2e-7  # float32 rounding: spacing 6e-8 to 1.2e-7 near 1
     assert derived[7] == 0 and derived[0] == -1 and derived[-1] == 1
 
 
@@ -60,12 +62,27 @@ def test_block_size_that_does_not_divide_is_refused_with_a_hint():
         nf4.quantize_4bit(torch.randn(64), quant_type="nf3")
 
 
+def test_nan_or_inf_is_refused_with_its_index(tiny_llama):
+    w = torch.randn(8, 64)
+    w[6, 2] = float("nan")
+    for quant_type in ("nf4", "fp4"):
+        with pytest.raises(ValueError, match=r"the tensor holds 1 NaN or infinite value\(s\), the first at index \(6, 2\)"):
+            nf4.quantize_4bit(w, 64, quant_type)
+    w[6, 2], w[7, 63] = 1.0, float("-inf")
+    with pytest.raises(ValueError, match=r"the first at index \(7, 63\) \(-inf\)"):
+        nf4.quantize_4bit(w, 32)
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight holds 1 NaN or infinite value\(s\), the first at index \(3, 5\)"):
+        nf4.quantize_model(model, nf4.NF4Config(block_size=32))
+
 def test_double_quantization_keeps_absmax_close_and_bits_add_up():
     torch.manual_seed(0)
     absmax = torch.rand(512) + 0.5
     dq = nf4.double_quantize(absmax, 256)
     assert dq.codes.dtype == torch.uint8 and dq.absmax2.shape == (2,)
-    assert abs(dq.offset - float(absmax.mean())) < 1e-6
+    assert abs(dq.offset - float(absmax.mean())) < 1e-6  # the same float32 mean of values near 1
     # error at most half a step of the 8-bit grid: absmax2 / 127 / 2
     assert ((dq.dequantize() - absmax).abs() <= dq.absmax2.max() / 254 + 1e-6).all()
     assert memory.blockwise_4bit_bits(64) == 4.5
@@ -78,12 +95,20 @@ def test_linear4bit_own_matches_dequantized_weight_and_stores_half_a_byte():
     lin = torch.nn.Linear(128, 64)
     layer = nf4.Linear4bitOwn(lin, "nf4", 64)
     assert layer.packed.numel() == 128 * 64 // 2
+    # resident bytes from the shape: codes two per byte, one float32 absmax per 64 weights, the float32 bias
+    assert models.model_bytes(layer) == 128 * 64 // 2 + 4 * (128 * 64 // 64) + 4 * 64
     expected = nf4.quantize_4bit(lin.weight.detach(), 64).dequantize()
     assert torch.equal(layer.dequantized_weight(), expected)
     x = torch.randn(3, 128)
-    assert torch.allclose(layer(x), x @ expected.T + lin.bias, atol=1e-5)
+    assert torch.allclose(layer(x), x @ expected.T + lin.bias, atol=1e-5)  # the same product, float32 order
     dq = nf4.Linear4bitOwn(lin, "nf4", 64, double_quant=True)
-    assert (dq.dequantized_weight() - expected).abs().max() < 0.01 * lin.weight.abs().max()
+    # 8-bit absmax: each block's absmax is off by at most half a step of 1/127 of the largest deviation of
+    # the absmax values from their mean (a few percent of them), 0.017 % here; the weights move by that
+    # fraction of their block's absmax: 0.1 % of the largest weight allows for it, a wrong table does not
+    assert (dq.dequantized_weight() - expected).abs().max() < 0.001 * lin.weight.abs().max()
+    # with double quantization: uint8 absmax codes, one float32 absmax2 per 256 blocks (128 blocks: one)
+    # and the float32 offset, instead of 128 float32 absmax values
+    assert models.model_bytes(dq) == 128 * 64 // 2 + 128 + 4 + 4 + 4 * 64
 
 
 def test_quantize_model_refuses_a_quantized_model():

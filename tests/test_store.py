@@ -11,6 +11,8 @@ from course_utils.quant import gptq, store
 from course_utils.quant.contract import Report
 from course_utils.quant.linear import QuantLinear, RTNConfig, RTNReport, quantize_model
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny models: see conftest
+
 
 def _tiny():
     torch.manual_seed(0)
