@@ -207,15 +207,7 @@ def test_nan_inputs_are_refused_by_the_statistics_the_scale_search_reads():
     assert found.error == pytest.approx(mse(W, rtn.fake_quantize(W * found.scales, 4, 64) / found.scales, x[:256]), rel=1e-5)
 
 
-@pytest.mark.parametrize("where", [
-    pytest.param("model.layers.0.self_attn.q_proj", marks=pytest.mark.xfail(strict=True, reason=(
-        "awq.quantize_model does not check the weights first: a NaN in layer 0 makes the float check of the "
-        "fold fail, and the message blames the architecture ('folding the AWQ scales changed the float "
-        "layer's output ... this architecture is not supported')"))),
-    pytest.param("model.layers.1.mlp.down_proj", marks=pytest.mark.xfail(strict=True, reason=(
-        "awq.quantize_model's NaN refusal comes from rtn.quantize inside the scale search: it says 'the "
-        "weight' without the layer's name, after layer 0 is already quantized in place"))),
-])
+@pytest.mark.parametrize("where", ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"])
 def test_quantize_model_names_the_layer_holding_a_nan_weight(where, tiny_llama, tiny_calibration):
     model = tiny_llama()
     with torch.no_grad():

@@ -293,14 +293,8 @@ def test_nan_weight_and_infinite_hessian_are_refused_with_their_index():
         gptq.gptq_quantize_weight(W[:, :64], h, 4, 32)
 
 
-NAMES_THE_LAYER = pytest.mark.xfail(strict=True, reason=(
-    "gptq.quantize_model passes the layer's weight to gptq_quantize_weight, whose refusal says 'the weight' "
-    "without the layer's name (and the layers before it are already quantized in place)"))
-
-
 @pytest.mark.parametrize("where", [
-    pytest.param("model.layers.0.self_attn.q_proj", marks=NAMES_THE_LAYER),
-    pytest.param("model.layers.1.mlp.down_proj", marks=NAMES_THE_LAYER),
+    "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj",
 ])
 def test_quantize_model_names_the_layer_holding_a_nan_weight(where, tiny_llama, tiny_calibration):
     model = tiny_llama()

@@ -147,9 +147,10 @@ def replace_linears(
         targets = linear_layers(model, skip)
     if not targets:
         raise ValueError(f"no nn.Linear layers to quantize in {type(model).__name__} (skip={skip})")
+    for name, linear in targets.items():  # every weight checked before any layer changes
+        check_finite(linear.weight, f"{name}.weight")
     replaced = {}
     for name, linear in targets.items():
-        check_finite(linear.weight, f"{name}.weight")
         new = make(linear)
         set_module(model, name, new)
         replaced[name] = (linear, new)

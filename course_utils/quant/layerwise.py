@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from course_utils.quant import rtn
-from course_utils.quant.contract import check_not_quantized
+from course_utils.quant.contract import check_finite, check_not_quantized
 
 
 class StopForward(Exception):
@@ -145,14 +145,16 @@ def check_group_size(group_size: rtn.Granularity, in_features: int, method: str)
 
 def check_model(model: nn.Module, bits: int, group_size: rtn.Granularity, method: str, caller: str) -> tuple[str, nn.ModuleList]:
     """Refuse, before any work, a model ``method`` cannot quantize layer by layer: already quantized, no
-    decoder layers, ``bits`` out of range, or a group size that does not fit one of its Linears.
+    decoder layers, ``bits`` out of range, a group size that does not fit one of its Linears, or a Linear
+    weight holding NaN or inf (named, with the index of its first bad value).
     Returns :func:`decoder_layers`."""
     check_not_quantized(model)
     prefix, layers = decoder_layers(model, caller)
     rtn.check_bits(bits)
-    for m in layers.modules():
+    for name, m in layers.named_modules(prefix=prefix):
         if type(m) is nn.Linear:
             check_group_size(group_size, m.in_features, method)
+            check_finite(m.weight, f"{name}.weight")
     return prefix, layers
 
 

@@ -85,6 +85,7 @@ def llm_int8_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tenso
     ``threshold=None`` quantizes every feature. Returns (..., out) in ``x.dtype``.
     """
     check_threshold(threshold)
+    check_finite(x, "the activation tensor")  # before the split: an inf reaches any threshold
     lead, n_in = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, n_in).float()
     regular = x2
@@ -95,7 +96,7 @@ def llm_int8_matmul(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tenso
             out = x2[:, cols] @ (w_codes[:, cols].float() * w_scale).T
             regular = x2.clone()
             regular[:, cols] = 0
-    x_codes, x_scale = absmax_int8(regular, act_granularity, "the activations")
+    x_codes, x_scale = absmax_int8(regular, act_granularity, "the activation tensor")
     y = int8_matmul(x_codes, x_scale, w_codes, w_scale)
     if out is not None:
         y = y + out
