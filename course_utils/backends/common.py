@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from course_utils import config
+from course_utils import cache, config
 
 
 def import_library(*names: str, why: Callable[[BaseException], str],
@@ -131,10 +131,10 @@ def source_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def settings_folder(kind: str, name: str, record: dict) -> Path:
-    """``<cache>/<kind>/<name>-<10 hex digits of the record>``: one folder per distinct settings record."""
-    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
-    return config.cache_dir() / kind / f"{name}-{key}"
+def settings_folder(kind: str, name: str, record: dict, code: tuple[str, ...]) -> Path:
+    """``<cache>/<kind>/<name>-<key>``: one folder per distinct settings record (which names the library's
+    version) made by the current source of the adapter modules ``code`` (:func:`course_utils.cache.entry`)."""
+    return cache.entry(kind, name, record, code)
 
 
 def read_record(out_dir: str | Path, record_file: str) -> dict | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from course_utils import config, memory
+from course_utils import cache, config, memory
 from course_utils.backends.common import import_library, import_status
 
 INSTALL_HINT = "install the course's requirements (`make setup`, or `pip install -r requirements.txt`)"
@@ -282,9 +282,27 @@ def _base_stem(path: Path) -> str:
     return head if head and _TYPE_SUFFIX.match(tail) else stem
 
 
-def _is_fresh(dst: Path, src: Path) -> bool:
-    """``dst`` exists, is not empty and is newer than ``src``: a cached file to reuse."""
-    return dst.is_file() and dst.stat().st_size > 0 and dst.stat().st_mtime >= src.stat().st_mtime
+def _gguf_version() -> str:
+    from importlib import metadata
+
+    return metadata.version("gguf")
+
+
+def _key_file(dst: Path) -> Path:
+    return dst.with_name(dst.name + ".key")
+
+
+def _is_fresh(dst: Path, src: Path, key: str) -> bool:
+    """``dst`` exists, is not empty, is newer than ``src`` and was made with cache key ``key`` (written
+    beside it by :func:`_made`): a cached file to reuse."""
+    return (dst.is_file() and dst.stat().st_size > 0 and dst.stat().st_mtime >= src.stat().st_mtime
+            and _key_file(dst).is_file() and _key_file(dst).read_text() == key)
+
+
+def _made(dst: Path, key: str) -> Path:
+    """Record beside ``dst`` the cache key it was made with (:func:`course_utils.cache.key`); returns ``dst``."""
+    _key_file(dst).write_text(key)
+    return dst
 
 
 def export_f16_gguf(src: str | Path | None = None, dst: str | Path | None = None, overwrite: bool = False) -> Path:
@@ -303,13 +321,14 @@ def export_f16_gguf(src: str | Path | None = None, dst: str | Path | None = None
         src = default_gguf_path()
     src = Path(src)
     dst = Path(dst) if dst is not None else gguf_cache_dir() / f"{_base_stem(src)}.F16.gguf"
-    if _is_fresh(dst, src) and not overwrite:
+    key = cache.key({"export": "F16", "src": src.name}, code=(__name__,), libraries={"gguf": _gguf_version()})
+    if _is_fresh(dst, src, key) and not overwrite:
         return dst
 
     def to_float(name: str, values: np.ndarray):
         return values.astype(np.float16 if values.ndim >= 2 else np.float32), None
 
-    return rewrite(src, dst, to_float, file_type=int(gguf.LlamaFileType.MOSTLY_F16))
+    return _made(rewrite(src, dst, to_float, file_type=int(gguf.LlamaFileType.MOSTLY_F16)), key)
 
 
 # ------------------------------------------------------------------------------------ tensor names

@@ -36,7 +36,8 @@ import numpy as np
 from course_utils.backends import gguf_file
 from course_utils.backends.common import BackendUnavailableError  # noqa: F401 (re-exported for callers)
 from course_utils.backends.common import import_library, import_status
-from course_utils.backends.gguf_file import INSTALL_HINT, _base_stem, _is_fresh
+from course_utils import cache
+from course_utils.backends.gguf_file import INSTALL_HINT, _base_stem, _is_fresh, _made
 
 
 def _import_llama_cpp():
@@ -101,7 +102,9 @@ def quantize_gguf(src: str | Path | None, dst: str | Path | None = None, type_na
         tag = f".imatrix-{_imatrix_hash(imatrix)}" if imatrix else ""
         dst = gguf_file.gguf_cache_dir() / f"{_base_stem(src)}.{type_name.upper()}{tag}.gguf"
     dst = Path(dst)
-    if _is_fresh(dst, src) and not overwrite:
+    key = cache.key({"type": type_name.upper(), "src": src.name, "imatrix": _imatrix_hash(imatrix) if imatrix else None,
+                     "allow_requantize": allow_requantize}, code=(__name__,), libraries={"llama_cpp": llama_cpp.__version__})
+    if _is_fresh(dst, src, key) and not overwrite:
         return dst
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_ftype(type_name)
@@ -119,7 +122,7 @@ def quantize_gguf(src: str | Path | None, dst: str | Path | None = None, type_na
         raise RuntimeError(f"llama.cpp could not quantize {src} to {type_name} (return code {code}); rerun with verbose=True")
     del keep_alive
     partial.replace(dst)
-    return dst
+    return _made(dst, key)
 
 
 def _imatrix_hash(imatrix: dict[str, np.ndarray]) -> str:
