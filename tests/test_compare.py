@@ -38,10 +38,45 @@ def test_pareto_front_keeps_rows_no_other_row_beats_on_both_axes():
     assert [r.method for r in fast] == ["GGUF", "float"]   # float is faster than AWQ here and exact
 
 
+def _png_size(path):
+    """(width, height) from a PNG's header: the 8-byte signature, then the IHDR chunk (length, type, width, height)."""
+    import struct
+
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR", f"{path.name} is not a PNG"
+    return struct.unpack(">II", head[16:24])
+
+
 def test_plots_and_files_are_written(tmp_path):
     files = compare_report.write(_rows(), tmp_path / "out")
     assert {p.name for p in files.values()} == {"compare.csv", "compare.md", "quality_vs_size.png", "quality_vs_speed.png"}
-    assert all(p.stat().st_size > 0 for p in files.values())
+    assert all(p.parent == tmp_path / "out" for p in files.values())
+    assert compare_report.read_csv(files["csv"]) == _rows()
+    assert files["md"].read_text() == compare_report.to_markdown(_rows())
+    # an 8 x 5 inch figure saved at 110 dots per inch: 880 x 550 pixels
+    assert _png_size(files["size"]) == _png_size(files["speed"]) == (880, 550)
+
+
+def test_plot_draws_every_measured_row_and_the_front(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from dataclasses import replace
+
+    sources = {"float": ("transformers", "library"), "AWQ": ("course_utils", "from scratch")}
+    rows = [replace(r, library=sources[r.method][0], source=sources[r.method][1]) if r.method in sources else r for r in _rows()]
+    fig = compare_report.plot(rows, "linear_bits", "bits")
+    try:
+        ax = fig.axes[0]
+        # one scatter per method that has measured rows (GPTQ did not run); KL drawn at 1e-4 at least (float: 0)
+        points = {ax.get_legend_handles_labels()[1][i]: [tuple(p) for p in c.get_offsets()] for i, c in enumerate(ax.collections)}
+        assert points == {"float": [(32.0, 1e-4)], "RTN": [(4.25, 0.53)], "AWQ": [(4.25, 0.20)], "GGUF": [(4.5, 0.30)]}
+        (front,) = ax.lines
+        assert list(zip(front.get_xdata(), front.get_ydata())) == [(4.25, 0.20), (32.0, 1e-4)]
+        # the front's rows labelled with the first word of the precision, and who computed the weights
+        assert [t.get_text() for t in ax.texts] == ["AWQ int4 (own)", "float fp32 (transformers)"]
+        assert ax.get_yscale() == "log" and ax.get_xlabel() == "bits"
+    finally:
+        plt.close(fig)
 
 
 def test_a_row_that_cannot_run_stays_in_the_table_with_its_reason(monkeypatch):

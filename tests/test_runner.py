@@ -97,6 +97,18 @@ def test_an_unknown_model_offline_is_reported_not_fatal_for_the_check(monkeypatc
     assert device == "cuda" and "could not check that someone/model fits" in messages[0]
 
 
+def test_parameters_are_counted_from_a_config_folder(tmp_path, tiny_llama):
+    from course_utils import models
+
+    model = tiny_llama()
+    model.config.save_pretrained(tmp_path)  # the config alone: no weight file in the folder
+    # embedding and lm_head 256 x 64 each (untied); per layer q, o 64 x 64, k, v 64 x 32 (2 of 4 heads of 16),
+    # gate, up, down 64 x 128, and 2 norms of 64; the final norm
+    expected = 2 * 256 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64
+    assert models.parameters_from_config(str(tmp_path)) == models.count_parameters(model) == expected
+
+
+@pytest.mark.slow
 def test_parameters_are_counted_from_the_config_without_loading_weights(default_model):
     from course_utils import models
 
