@@ -11,7 +11,7 @@ from torch import nn
 
 from course_utils.quant import awq, awq_layout, rtn
 from course_utils.quant import salient as salient_mod
-from course_utils.quant.activations import InputStats, input_statistics
+from course_utils.quant.activations import InputStats, capture_inputs, input_statistics
 from course_utils.quant.layerwise import layer_inputs, run_layer
 from course_utils.quant.linear import QuantLinear, RTNConfig, quantize_model
 
@@ -322,12 +322,9 @@ def test_awq_search_beats_rtn_on_a_real_layer(default_model):
     model, tokenizer = default_model
     layer = model.model.layers[2]
     inputs = layer_inputs(model, layer, data.calibration_batches(tokenizer, 2, 256), batch_size=2)
-    seen = []
-    handle = layer.mlp.down_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    with torch.no_grad():
+    with capture_inputs(layer.mlp.down_proj) as (seen,), torch.no_grad():
         for hidden, kwargs in inputs:
             run_layer(layer, hidden, kwargs)
-    handle.remove()
     found = awq.search_scale(layer.mlp.down_proj.weight, InputStats.from_inputs(torch.cat(seen)), 4, 64)
     assert found.error < 0.5 * found.rtn_error  # about 0.24 on layer 2's down_proj (alpha 0.6)
 

@@ -403,13 +403,10 @@ def test_gptq_beats_rtn_on_a_real_layer(default_model):
     inputs = layerwise.layer_inputs(model, layer, calibration, batch_size=4)
     linear = layer.mlp.down_proj
     h = gptq._hessians(layer, [linear], inputs)[0]
-    seen = []
-    handle = linear.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    with torch.no_grad():
+    with capture_inputs(linear) as (seen,), torch.no_grad():
         for hidden, kwargs in inputs:
             layerwise.run_layer(layer, hidden, kwargs)
-    handle.remove()
-    x = torch.cat(seen).reshape(-1, linear.in_features)
+    x = torch.cat(seen)
     # float32 sums over 2048 tokens in two orders; a real layer's inputs reach tens, their products thousands
     torch.testing.assert_close(h.hessian, hessian_of(x), rtol=1e-3, atol=1e-3)
     result = gptq.gptq_quantize_weight(linear.weight, h.hessian, 4, 64)
