@@ -9,9 +9,11 @@ each with where it comes from; ``peak_bandwidth(name)`` finds one from a name su
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -299,3 +301,21 @@ def smallest_gpu(weight_bytes: float) -> str | None:
     need = weight_bytes * GPU_HEADROOM
     return next((name for name, gib in GPU_CLASSES if gib * 2**30 >= need), None)
 
+
+@contextlib.contextmanager
+def one_cpu_thread(device: str | object = "cpu") -> Iterator[None]:
+    """Run PyTorch's CPU work on one thread while the ``with`` block lasts (then the thread count comes
+    back). For code made of thousands of small tensor operations (GPTQ's column loop, tiny test models):
+    with several threads their synchronisation costs more than the work, tens of times more when another
+    program shares the cores. A ``device`` that is not the CPU leaves everything as it is."""
+    import torch
+
+    if getattr(device, "type", str(device).split(":")[0]) != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -2,7 +2,7 @@
 
 A lesson calls ``record("03", "bandwidth", 31.2, "GB/s")``. When the runner executes lessons it sets
 ``$COURSE_RESULTS`` to a JSON-lines file and collects the records into ``build/summary.md``; in an
-interactive session or under pytest, recording is a no-op that just returns the value. A lesson saves
+interactive session or under pytest, recording does nothing. A lesson saves
 its plots with ``fig.savefig(results.figure_path("lesson02_values.png"))``: under ``build/figures``.
 """
 
@@ -15,13 +15,13 @@ from pathlib import Path
 from course_utils import config
 
 
-def record(lesson: str, name: str, value: float | int | str, unit: str = "") -> float | int | str:
-    """Append one figure to ``$COURSE_RESULTS`` (if set) and return ``value`` unchanged."""
+def record(lesson: str, name: str, value: float | int | str, unit: str = "") -> None:
+    """Append one figure to ``$COURSE_RESULTS`` (if set). Returns nothing, so that a cell ending with a
+    record shows no stray value."""
     path = os.environ.get("COURSE_RESULTS")
     if path:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps({"lesson": lesson, "name": name, "value": value, "unit": unit}) + "\n")
-    return value
 
 
 def load(path: str | Path) -> list[dict]:

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from course_utils import config
+from course_utils import config, hardware
 
 REAL_CACHE = config.cache_dir()  # before any test moves COURSE_CACHE
 
@@ -110,9 +110,5 @@ def one_cpu_thread(request):
     if request.node.get_closest_marker("slow"):
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with hardware.one_cpu_thread():
         yield
-    finally:
-        torch.set_num_threads(before)

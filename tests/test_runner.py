@@ -35,7 +35,8 @@ def test_run_course_executes_injects_parameters_and_collects_results(tmp_path, m
 
 def test_record_without_results_file_is_a_no_op(monkeypatch, tmp_path):
     monkeypatch.delenv("COURSE_RESULTS", raising=False)
-    assert results.record("01", "x", 1.5) == 1.5
+    assert results.record("01", "x", 1.5) is None  # nothing written, nothing shown at the end of a cell
+    assert not list(tmp_path.rglob("*.jsonl"))
     monkeypatch.setenv("COURSE_RESULTS", str(tmp_path / "r.jsonl"))
     results.record("01", "x", 2.5, "s")
     assert json.loads((tmp_path / "r.jsonl").read_text())["unit"] == "s"

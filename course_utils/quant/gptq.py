@@ -52,7 +52,6 @@ layer's inputs, running it, recording a Linear's inputs) lives in :mod:`course_u
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from dataclasses import dataclass
@@ -61,6 +60,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from course_utils import hardware
 from course_utils.models import model_bytes
 from course_utils.quant import rtn
 from course_utils.quant.activations import InputStats
@@ -174,22 +174,6 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01) -> tuple[t
     )
 
 
-@contextlib.contextmanager
-def _one_cpu_thread(device: torch.device):
-    """Run on one CPU thread: GPTQ's column loop is thousands of small operations, and with several
-    threads their synchronisation costs more than the work (tens of times more when another program
-    shares the cores). GPU work is unaffected."""
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _column_loop(
     W: torch.Tensor, U: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
     order: list[int], g: int, bits: int, act_order: bool, symmetric: bool, block_size: int,
@@ -252,7 +236,7 @@ def gptq_quantize_weight(
     if not damp >= 0:
         raise ValueError(f"damp must be >= 0 (a fraction of mean(diag H), 0.01 is usual), got {damp!r}")
     block_size = aligned_block_size(block_size, g)
-    with _one_cpu_thread(weight.device):
+    with hardware.one_cpu_thread(weight.device):  # thousands of small operations: see its docstring
         return _gptq(weight, hessian, bits, g, symmetric, act_order, damp, block_size)
 
 
