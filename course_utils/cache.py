@@ -28,17 +28,24 @@ PACKAGE = "course_utils"
 
 
 def _module_file(name: str) -> Path | None:
-    """The source file of module ``name`` of this package, or None if ``name`` is not a module."""
+    """The source file of module ``name`` of this package, or None if ``name`` is not a module (e.g.
+    ``course_utils.models.model_bytes``, a function inside a module)."""
     parent = name.rpartition(".")[0]
-    if parent and _module_file(parent) is not None and not _module_file(parent).name == "__init__.py":
-        return None  # a name inside a plain module (e.g. course_utils.models.model_bytes), not a module
-    spec = importlib.util.find_spec(name)
+    if parent:
+        parent_file = _module_file(parent)
+        if parent_file is None or parent_file.name != "__init__.py":
+            return None  # only a package holds modules
+    try:
+        spec = importlib.util.find_spec(name)
+    except ModuleNotFoundError:
+        return None
     return Path(spec.origin) if spec is not None and spec.origin and spec.origin.endswith(".py") else None
 
 
 def _imports(name: str, source: str) -> set[str]:
     """The ``course_utils`` modules that module ``name`` (its ``source``) imports, by qualified name."""
-    package = name if name.endswith(".__init__") else name.rpartition(".")[0]
+    is_package = (_module_file(name) or Path()).name == "__init__.py"
+    package = name if is_package else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -55,9 +62,16 @@ def _imports(name: str, source: str) -> set[str]:
 
 
 @functools.lru_cache(maxsize=None)
+def _digest(path: str, mtime_ns: int, size: int) -> tuple[str, str]:
+    """sha256 of a source file and its text, remembered for as long as the file keeps its time and size."""
+    text = Path(path).read_text()
+    return hashlib.sha256(text.encode()).hexdigest(), text
+
+
 def _sources(name: str) -> tuple[tuple[str, str], ...]:
     """(module, sha256 of its source) for ``name`` and every ``course_utils`` module it imports, transitively,
-    sorted by module name."""
+    sorted by module name. Read afresh at every call (a file edited in a running notebook counts at once);
+    only unchanged files' hashes are remembered."""
     seen: dict[str, str] = {}
     todo = [name]
     while todo:
@@ -67,8 +81,8 @@ def _sources(name: str) -> tuple[tuple[str, str], ...]:
         path = _module_file(current)
         if path is None:
             raise ValueError(f"{current!r} is not a module of {PACKAGE}; give a module name such as 'course_utils.quant.gptq'")
-        text = path.read_text()
-        seen[current] = hashlib.sha256(text.encode()).hexdigest()
+        stat = path.stat()
+        seen[current], text = _digest(str(path), stat.st_mtime_ns, stat.st_size)
         todo += sorted(_imports(current, text) - set(seen))
     return tuple(sorted(seen.items()))
 

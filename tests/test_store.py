@@ -89,7 +89,7 @@ def test_a_change_to_the_quantizer_source_is_a_cache_miss(monkeypatch):
     _cached(_tiny(), {"bits": 4}, calls)
     _cached(_tiny(), {"bits": 4}, calls)
     assert len(calls) == 1
-    real = cache._sources.__wrapped__
+    real = cache._sources
 
     def edited(name):  # the same modules, rtn.py's source one comment longer
         return tuple((m, digest + ("-edited" if m == "course_utils.quant.rtn" else "")) for m, digest in real(name))

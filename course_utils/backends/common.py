@@ -131,10 +131,24 @@ def source_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def settings_folder(kind: str, name: str, record: dict, code: tuple[str, ...]) -> Path:
-    """``<cache>/<kind>/<name>-<key>``: one folder per distinct settings record (which names the library's
-    version) made by the current source of the adapter modules ``code`` (:func:`course_utils.cache.entry`)."""
-    return cache.entry(kind, name, record, code)
+def installed_versions(*distributions: str) -> dict[str, str | None]:
+    """The installed version of each distribution (None when it is not installed), read from its metadata
+    without importing it."""
+    from importlib import metadata
+
+    versions = {}
+    for dist in distributions:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
+def settings_folder(kind: str, name: str, record: dict, code: tuple[str, ...], libraries: tuple[str, ...]) -> Path:
+    """``<cache>/<kind>/<name>-<key>``: one folder per distinct settings record made by the current source of
+    the adapter modules ``code`` with the installed versions of ``libraries`` (:func:`course_utils.cache.entry`)."""
+    return cache.entry(kind, name, record, code, installed_versions(*libraries))
 
 
 def read_record(out_dir: str | Path, record_file: str) -> dict | None:

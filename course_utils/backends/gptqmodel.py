@@ -137,7 +137,7 @@ def default_out_dir(record: dict) -> Path:
     """``<cache>/gptq/gptqmodel-int4-g64-sym-<hash>``: one folder per distinct settings record."""
     flags = ("-actorder" if record["desc_act"] else "") + ("-gar" if record["act_group_aware"] else "")
     name = f"gptqmodel-int{record['bits']}-g{record['group_size']}-{'sym' if record['sym'] else 'asym'}{flags}"
-    return settings_folder("gptq", name, record, code=(__name__,))
+    return settings_folder("gptq", name, record, code=(__name__,), libraries=("gptqmodel", "optimum", "transformers"))
 
 
 def cached_record(out_dir: str | Path) -> dict | None:

@@ -162,7 +162,7 @@ def settings_record(model_dir, bits, group_size, sym, n_grid, duo_scaling, calib
 def default_out_dir(record: dict) -> Path:
     """``<cache>/awq/llmcompressor-int4-g64-sym-<hash>``: one folder per distinct settings record."""
     name = f"llmcompressor-int{record['bits']}-g{record['group_size']}-{'sym' if record['sym'] else 'asym'}"
-    return settings_folder("awq", name, record, code=(__name__,))
+    return settings_folder("awq", name, record, code=(__name__,), libraries=("llmcompressor", "compressed-tensors", "transformers"))
 
 
 def cached_record(out_dir: str | Path) -> dict | None:

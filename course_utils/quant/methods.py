@@ -68,9 +68,9 @@ def quantized_copy(
 ) -> tuple[nn.Module, Report, bool]:
     """A copy of the float ``model`` quantized with ``cfg``, and the quantizer's report.
 
-    ``model_name`` (what :func:`course_utils.models.load_model` was given), the calibration tokens'
-    fingerprint and the quantizer's source code are part of the cache key, so another model, another
-    calibration set or a fixed quantizer never gets a stale result. Returns ``(copy, report, was_cached)``;
+    ``model_name`` (what :func:`course_utils.models.load_model` was given), the model's dtype and device
+    type, the calibration tokens' fingerprint and shape, and the quantizer's source code are part of the
+    cache key, so another model, precision, calibration set or a fixed quantizer never gets a stale result. Returns ``(copy, report, was_cached)``;
     ``report.seconds`` is the quantizer's run time when it ran (cached: the run that made the file).
     LLM.int8 and NF4 are quick and not cached.
     """
@@ -79,9 +79,11 @@ def quantized_copy(
     m = copy.deepcopy(model)
     if not isinstance(cfg, CACHED):
         return m, quantize(m, cfg, calibration), False
+    first = next(model.parameters())
     description = {
         "method": cfg.method, "config": repr(cfg), "model": model_name,
-        "calibration": None if calibration is None else calibration_id(calibration),
+        "dtype": str(first.dtype), "device": first.device.type,  # a bf16 GPU model is not the fp32 CPU one
+        "calibration": None if calibration is None else [calibration_id(calibration), list(calibration.shape)],
     }
     report, cached = store.cached_quantize(
         m, description, lambda mm: quantize(mm, cfg, calibration), code=(module.__name__, store.__name__),

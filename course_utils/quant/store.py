@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from course_utils import cache, config
-from course_utils.quant.contract import Report, set_module
+from course_utils.quant.contract import Report, check_not_quantized, set_module
 from course_utils.quant.linear import QuantLinear
 
 _FIELDS = ("packed", "scales", "zeros", "bias")
@@ -97,13 +97,13 @@ def load(model: nn.Module, path: str | Path) -> dict:
     missing = [n for n in document["layers"] if n not in modules]
     if missing:
         raise ValueError(f"{path}: layers {missing[:3]} are not in this model; was it saved from another architecture?")
-    device = next(model.parameters()).device
     for name, settings in document["layers"].items():
         old = modules[name]
-        if isinstance(old, nn.Linear) and [old.out_features, old.in_features] != settings["shape"]:
-            raise ValueError(f"{path}: layer {name} is {tuple(settings['shape'])} in the file, {(old.out_features, old.in_features)} in the model")
+        if not isinstance(old, nn.Linear) or [old.out_features, old.in_features] != settings["shape"]:
+            shape = (old.out_features, old.in_features) if isinstance(old, nn.Linear) else type(old).__name__
+            raise ValueError(f"{path}: layer {name} is {tuple(settings['shape'])} in the file, {shape} in the model")
         own = {f: tensors.get(f"layers.{name}.{f}") for f in _FIELDS}
-        set_module(model, name, _restore(settings, own).to(device))
+        set_module(model, name, _restore(settings, own).to(old.weight.device))
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, value in tensors.items():
@@ -131,9 +131,12 @@ def cached_quantize(
     by ``restore`` from its saved fields when cached; its ``seconds`` are those of the run that made it).
     Files live in ``<cache>/quantized/<folder>/<key>.safetensors``.
     """
+    check_not_quantized(model)  # as the quantizer itself would, cached or not
     path = path_for(folder, description, code)
     if path.is_file():
         extra = load(model, path)
+        if extra.get("description") != json.loads(json.dumps(description, default=str)):
+            raise ValueError(f"{path} holds a result for {extra.get('description')}, not {description}: a cache key collision")
         return restore(extra["report"]), True
     report = quantize(model)
     save(model, path, {"report": dataclasses.asdict(report), "description": description})
