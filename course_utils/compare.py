@@ -6,8 +6,8 @@ GPTQModel and llm-compressor); and llama.cpp's GGUF types. Every row is judged o
 windows against the same float reference (perplexity, KL, top-1 agreement), timed with the same prompt, and
 sized in memory and on disk. A row that cannot run here stays in the table with the reason.
 
-Nothing is copied from the lessons: each row calls the module the lesson taught (``quant.methods`` for RTN,
-GPTQ and AWQ, cached by configuration; ``quant.llm_int8`` and ``quant.nf4``; the adapters in ``backends``).
+Nothing is copied from the lessons: each row calls the module the lesson taught (``quant.methods`` for the
+course's own RTN, LLM.int8, NF4, GPTQ and AWQ, the slow ones cached; the adapters in ``backends``).
 Quantized models come from those caches when a lesson already made them, so after lessons 06-09 a run
 mostly measures. The settings are the lessons' own: groups of 64, 8 calibration samples of 512 tokens
 (4 x 256 for llm-compressor, as in lesson 08), 4 evaluation windows of 512 tokens.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from course_utils import cache, config, data, evaluate, models, timing
+from course_utils import cache, config, data, evaluate, memory, models, timing
 
 PROMPT = "Explain in one paragraph why a smaller model file can generate text faster."
 NEW_TOKENS = 16
@@ -282,8 +282,9 @@ def context(model_name: str | None = None, device: str | None = None) -> Context
 def _measure_torch(ctx: Context, row: Row, m: torch.nn.Module, memory_bytes: int) -> None:
     c = evaluate.compare(m, ctx.reference, ctx.windows)
     speed = timing.decode_tokens_per_second(m, ctx.tokenizer, PROMPT, new_tokens=NEW_TOKENS)
-    row.memory_bytes, row.bits_per_weight = memory_bytes, memory_bytes * 8 / ctx.n_params
-    row.linear_bits = (memory_bytes - ctx.other_bytes) * 8 / ctx.linear_params  # the rest stays as in the float model
+    row.memory_bytes, row.bits_per_weight = memory_bytes, memory.stored_bits_per_weight(memory_bytes, ctx.n_params)
+    # the rest stays as in the float model
+    row.linear_bits = memory.stored_bits_per_weight(memory_bytes - ctx.other_bytes, ctx.linear_params)
     row.ppl, row.ppl_delta_pct, row.kl_mean, row.top1 = c.ppl, c.ppl_delta_pct, c.kl_mean, c.top1
     row.prompt_tps, row.gen_tps = speed.prefill_tokens_per_s, speed.decode_tokens_per_s
 
@@ -338,8 +339,8 @@ def gguf_rows(ctx: Context, types: tuple[str, ...] = GGUF_TYPES) -> list[Row]:
         with llamacpp.LlamaCppLogits(path) as llm:
             c = evaluate.compare(llm, ctx.reference, ctx.windows)
         rows.append(Row("GGUF", t, implementation, memory_bytes=summary.tensor_bytes, disk_bytes=folder_bytes(path),
-                        bits_per_weight=summary.tensor_bytes * 8 / ctx.n_params,
-                        linear_bits=8 * sum(t.n_bytes for t in blocks) / sum(t.n_elements for t in blocks),
+                        bits_per_weight=memory.stored_bits_per_weight(summary.tensor_bytes, ctx.n_params),
+                        linear_bits=memory.stored_bits_per_weight(sum(t.n_bytes for t in blocks), sum(t.n_elements for t in blocks)),
                         ppl=c.ppl, ppl_delta_pct=c.ppl_delta_pct,
                         kl_mean=c.kl_mean, top1=c.top1, quantize_s=None if reused else seconds,
                         note="file reused from the cache" if reused else "", library="llama.cpp", source="library"))

@@ -180,7 +180,11 @@ def bootstrap_delta_pct(comparison: Comparison, n_chunks: int = 32, n_boot: int 
 def share_removed(variant: Comparison, baseline: Comparison) -> float:
     """The share of ``baseline``'s perplexity increase over the float model that ``variant`` removes: 1 when
     it matches the float model, 0 when it is no better than the baseline, negative when it is worse."""
-    return 1 - (variant.ppl - variant.ref_ppl) / (baseline.ppl - baseline.ref_ppl)
+    increase = baseline.ppl - baseline.ref_ppl
+    if not increase > 0:
+        raise ValueError(f"the baseline's perplexity {baseline.ppl:.4g} is not above the reference's {baseline.ref_ppl:.4g}: "
+                         "there is no increase to remove")
+    return 1 - (variant.ppl - variant.ref_ppl) / increase
 
 
 class Scoreboard:

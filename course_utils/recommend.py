@@ -89,7 +89,7 @@ def gpu_options(fp8: bool) -> list[Option]:
         Option("BF16 (no quantization)", 16.0, 0.0, "safetensors", "vLLM or TGI (transformers for experiments)",
                evidence="the reference"),
         eight,
-        Option("AWQ INT4 (W4A16, groups of 128)", 4.125, awq_loss,
+        Option("AWQ INT4 (W4A16, groups of 128)", memory.bits_per_weight(4, 128), awq_loss,
                "compressed-tensors or AutoAWQ format (llm-compressor)", "vLLM (Marlin kernels) or TGI",
                evidence=f"Llama-2 7B/70B: up to +{awq_loss:.1f} % ({anchors.AWQ_LLAMA2_SOURCE})"),
     ]

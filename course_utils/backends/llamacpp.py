@@ -1,5 +1,8 @@
 """Running llama.cpp through ``llama-cpp-python``: quantize a GGUF, time it, score its logits.
 
+(About 400 lines: quantizing, timing and scoring share how a model is opened, ``_open`` with the AMX
+fallback below; the timing part moves out when ``python -m course_utils bench`` takes over decode timing.)
+
 What it does:
 
 - ``quantize_gguf``: make any llama.cpp type (Q8_0, Q4_0, Q4_K_M, ...) with

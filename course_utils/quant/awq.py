@@ -242,6 +242,10 @@ class AWQConfig:
     clip: bool = True
     groups: tuple[str, ...] = GROUP_LABELS
 
+    def __post_init__(self):
+        rtn.check_bits(self.bits)
+        alpha_grid(self.n_grid)
+
     def label(self) -> str:
         """Short name such as ``awq int4 g64 sym clip``."""
         g = self.group_size if isinstance(self.group_size, str) else f"g{self.group_size}"

@@ -307,6 +307,11 @@ class GPTQConfig:
     block_size: int = 128
     true_sequential: bool = True
 
+    def __post_init__(self):
+        rtn.check_bits(self.bits)
+        if self.group_size == "tensor":
+            raise ValueError("GPTQ quantizes per group or per channel ('channel'), not with one scale per tensor")
+
     def label(self) -> str:
         """Short name such as ``gptq int4 g64 sym act-order``."""
         g = self.group_size if isinstance(self.group_size, str) else f"g{self.group_size}"

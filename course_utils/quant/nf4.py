@@ -236,6 +236,8 @@ class NF4Config:
 
     def __post_init__(self):
         levels(self.quant_type)
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ValueError(f"block_size must be a positive integer such as 64, got {self.block_size!r}")
 
     def label(self) -> str:
         """Short name such as ``nf4 b64 dq``."""
