@@ -278,18 +278,21 @@ def describe() -> MachineDescription:
 # quantized copy beside the float model. A rule of thumb for the course's lessons, not a law.
 GPU_HEADROOM = 1.5
 
-# Common rental choices, smallest first: (what to rent, total GPU memory in GiB = 2**30 bytes). Vendors write
-# "GB" for these sizes, but the memory is counted in binary units (an "80 GB" A100 has 80 GiB); the labels
-# say GiB, like the numbers.
+# Common rental choices, smallest first: (what to rent, with the vendor's nominal size in GB; the memory a
+# program can allocate on the smallest card of the class, in GiB = 2**30 bytes). The usable figure is what
+# CUDA reports (``torch.cuda.get_device_properties(0).total_memory``), rounded down: smaller than the label,
+# because the label counts the chips (decimal or binary, by vendor habit) and the driver keeps some (ECC, the
+# context). A T4 shows about 14.6 GiB, an L4 or A10G 22.5, an L40S 44.6, an A100 or H100 80 GB 79.2, an H200
+# 139.8.
 GPU_CLASSES = (
-    ("T4 (16 GiB)", 16),
-    ("L4, A10G or RTX 4090 (24 GiB)", 24),
-    ("L40S or RTX 6000 Ada (48 GiB)", 48),
-    ("A100 or H100 (80 GiB)", 80),
-    ("H200 (141 GiB)", 141),
-    ("2 x A100/H100 (160 GiB)", 160),
-    ("2 x H200 (282 GiB)", 282),
-    ("4 x A100/H100 (320 GiB)", 320),
+    ("T4 (16 GB)", 14.5),
+    ("L4, A10G or RTX 4090 (24 GB)", 22.0),
+    ("L40S or RTX 6000 Ada (48 GB)", 44.5),
+    ("A100 or H100 (80 GB)", 79.0),
+    ("H200 (141 GB)", 139.0),
+    ("2 x A100/H100 (2 x 80 GB)", 158.0),
+    ("2 x H200 (2 x 141 GB)", 278.0),
+    ("4 x A100/H100 (4 x 80 GB)", 316.0),
 )
 
 

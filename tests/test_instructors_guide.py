@@ -29,7 +29,7 @@ def test_the_guide_names_the_commands_that_exist():
 
 
 def test_smallest_gpu_uses_the_headroom_and_says_when_nothing_fits():
-    assert hardware.smallest_gpu(10e9) == "T4 (16 GiB)"          # 15 GB = 13.97 GiB with headroom
-    assert hardware.smallest_gpu(12e9) == "L4, A10G or RTX 4090 (24 GiB)"   # 18 GB = 16.76 GiB > 16 GiB
-    assert hardware.smallest_gpu(16 * 2**30 / hardware.GPU_HEADROOM) == "T4 (16 GiB)"  # exactly 16 GiB fits
+    assert hardware.smallest_gpu(10e9) == "T4 (16 GB)"          # 15 GB = 13.97 GiB with headroom, a T4 has 14.5
+    assert hardware.smallest_gpu(10.5e9) == "L4, A10G or RTX 4090 (24 GB)"   # 15.75 GB = 14.67 GiB > 14.5 GiB
+    assert hardware.smallest_gpu(14.5 * 2**30 / hardware.GPU_HEADROOM) == "T4 (16 GB)"  # exactly 14.5 GiB fits
     assert hardware.smallest_gpu(1e12) is None

@@ -90,6 +90,14 @@ class InputStats:
     def gram(self) -> torch.Tensor:
         return self.hessian / 2
 
+    def to(self, device: torch.device | str) -> InputStats:
+        """The same statistics held on ``device`` (e.g. gathered on a GPU, read on the CPU)."""
+        out = InputStats(self._abs.shape[0], device, gram=False, threshold=self.threshold)
+        out.n_tokens = self.n_tokens
+        out._abs, out._square, out._absmax, out._over = (t.to(device) for t in (self._abs, self._square, self._absmax, self._over))
+        out._hessian = None if self._hessian is None else self._hessian.to(device)
+        return out
+
     def scaled(self, column: torch.Tensor) -> InputStats:
         """The statistics of the inputs ``x / column`` (what a Linear reads once AWQ folded its scales)."""
         column = column.to(self._abs.device, torch.float32)
@@ -137,18 +145,20 @@ def input_statistics(
     batch_size: int = 4,
 ) -> dict[str, InputStats]:
     """:class:`InputStats` (no Gram matrix) of every plain Linear but ``lm_head`` (or of ``names``) over
-    the calibration tokens (n_samples, seq_len), e.g. from ``course_utils.data.calibration_batches``."""
+    the calibration tokens (n_samples, seq_len), e.g. from ``course_utils.data.calibration_batches``;
+    gathered on the model's device, returned on the CPU."""
     layers = linear_layers(model)
     if names is not None:
         missing = [n for n in names if n not in layers]
         if missing:
             raise ValueError(f"not plain Linear layers of this model: {missing}")
         layers = {n: layers[n] for n in names}
-    stats = {n: InputStats(layer.in_features, "cpu") for n, layer in layers.items()}  # on the CPU, for numpy
+    device = next(model.parameters()).device
+    stats = {n: InputStats(layer.in_features, device) for n, layer in layers.items()}
     handles = [stats[n].attach(layer) for n, layer in layers.items()]
     try:
         run_batches(model, calibration, batch_size)
     finally:
         for h in handles:
             h.remove()
-    return stats
+    return {n: s.to("cpu") for n, s in stats.items()}  # reduced on the model's device, read on the CPU

@@ -238,7 +238,7 @@ def measure_outliers(model: nn.Module, input_ids: torch.Tensor, threshold: float
             if args[0] is last[0]:
                 return
             last[0] = args[0]
-            stats.setdefault(name, InputStats(hidden, "cpu", threshold=threshold)).add(args[0])
+            stats.setdefault(name, InputStats(hidden, args[0].device, threshold=threshold)).add(args[0])
         return fn
 
     for name, m in model.named_modules():
@@ -250,5 +250,5 @@ def measure_outliers(model: nn.Module, input_ids: torch.Tensor, threshold: float
         for h in handles:
             h.remove()
     last[0] = None
-    absmax = torch.stack([s.absmax for s in stats.values()])
-    return OutlierStats(absmax, tuple(stats), torch.stack([s.share_over for s in stats.values()]), threshold)
+    absmax = torch.stack([s.absmax for s in stats.values()]).cpu()
+    return OutlierStats(absmax, tuple(stats), torch.stack([s.share_over for s in stats.values()]).cpu(), threshold)
