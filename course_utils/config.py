@@ -11,6 +11,7 @@ notebook's parameters cell) switches the whole course to another model or device
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -54,3 +55,18 @@ def cache_dir() -> Path:
 def repo_root() -> Path:
     """The course's top folder (the one holding ``lessons/``)."""
     return Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def restored_environ(*names: str):
+    """Run the block, then put the environment variables ``names`` back as they were (set to their old
+    value, or removed if they were unset), whatever the block or a library it imports did to them."""
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -137,11 +137,12 @@ def run_course(
     results_file = out_dir / "results.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file.unlink(missing_ok=True)
-    os.environ.update(COURSE_MODEL=model, COURSE_DEVICE=device, COURSE_RESULTS=str(results_file))
     runs = []
-    for path in lesson_paths(root / "lessons", only):
-        run = execute(path, out_dir / "lessons" / path.name, model, device)
-        print(f"{run.name}: {run.seconds:.1f} s {'ok' if run.error is None else 'FAILED: ' + run.error}", flush=True)
-        runs.append(run)
+    with config.restored_environ("COURSE_MODEL", "COURSE_DEVICE", "COURSE_RESULTS"):  # the kernels inherit them
+        os.environ.update(COURSE_MODEL=model, COURSE_DEVICE=device, COURSE_RESULTS=str(results_file))
+        for path in lesson_paths(root / "lessons", only):
+            run = execute(path, out_dir / "lessons" / path.name, model, device)
+            print(f"{run.name}: {run.seconds:.1f} s {'ok' if run.error is None else 'FAILED: ' + run.error}", flush=True)
+            runs.append(run)
     (out_dir / "summary.md").write_text(summary_markdown(runs, results.load(results_file), model, device))
     return runs

@@ -11,7 +11,7 @@
   install it; ``available()``'s dict of library name -> None or the reason;
 - :func:`probe_import`: whether a module imports, tried in a child process (for libraries that are
   reported on but not used: a failed import can leave half-loaded modules behind);
-- :func:`restored_environ` and :func:`hf_progress_bars_off`: what a library changes in the process
+- :func:`hf_progress_bars_off` (and :func:`course_utils.config.restored_environ`): what a library changes in the process
   (environment variables, transformers' progress bars) is put back when the call ends.
 """
 
@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from course_utils import cache, config
+from course_utils.config import restored_environ  # noqa: F401 (the adapters use it from here)
 
 
 def import_library(*names: str, why: Callable[[BaseException], str],
@@ -62,21 +63,6 @@ def import_status(importers: dict[str, Callable[[], object]]) -> dict[str, str |
 
 class BackendUnavailableError(ImportError):
     """A quantization library (or a library it needs) is missing or broken; the message says how to install it."""
-
-
-@contextlib.contextmanager
-def restored_environ(*names: str):
-    """Run the block, then put the environment variables ``names`` back as they were (set to their old
-    value, or removed if they were unset), whatever the block or a library it imports did to them."""
-    before = {name: os.environ.get(name) for name in names}
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @contextlib.contextmanager
