@@ -145,7 +145,7 @@ def test_k_quant_dequantization_matches_tensors_llama_cpp_wrote(tmp_path):
             raw = np.array(t.data).reshape(-1, t.data.shape[-1])
             np.testing.assert_array_equal(gb.dequantize(raw, name), gguf.quants.dequantize(raw, t.tensor_type))
             # the bytes on disk are what the format's bits per weight say
-            assert 8 * int(t.n_bytes) / int(t.n_elements) == gb.bits_per_weight(name)
+            assert 8 * int(t.n_bytes) / int(t.n_elements) == gb.block_format(name).bits_per_weight
             seen.add(name)
     assert {"Q4_K", "Q6_K"} <= seen
     # our plain Q4_K quantizer against llama.cpp's searched one, on the same tensor
