@@ -70,3 +70,10 @@ def restored_environ(*names: str):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+def display_path(path: str | Path) -> str:
+    """``path`` as a learner should see it printed: the home folder written ``~`` (no machine's user name in
+    shared notebooks). For display only; open files with the real path."""
+    text, home = str(path), str(Path.home())
+    return "~" + text[len(home):] if text == home or text.startswith(home + os.sep) else text

@@ -126,7 +126,7 @@ def check_disk() -> Check:
     """Free disk space where the cache lives, in GB (1e9 bytes), against :data:`MIN_FREE_DISK_GB`."""
     free = shutil.disk_usage(config.cache_dir()).free / 1e9
     ok = free >= MIN_FREE_DISK_GB
-    return Check("OK" if ok else "FAIL", "disk", f"{free:.1f} GB free in {config.cache_dir()}" + ("" if ok else f" (need {MIN_FREE_DISK_GB:.0f} GB)"))
+    return Check("OK" if ok else "FAIL", "disk", f"{free:.1f} GB free in {config.display_path(config.cache_dir())}" + ("" if ok else f" (need {MIN_FREE_DISK_GB:.0f} GB)"))
 
 
 def check_memory() -> Check:

@@ -105,3 +105,13 @@ def test_gpu_paths_are_checked_only_with_a_gpu(monkeypatch):
     torch_check, llama_check = doctor.check_gpu_paths()
     assert torch_check.name == "torch CUDA"
     assert llama_check.status == "INFO" and "make gpu-setup" in llama_check.detail
+
+
+def test_paths_are_shown_with_the_home_folder_as_a_tilde(tmp_path):
+    from pathlib import Path
+
+    from course_utils import config
+
+    assert config.display_path(Path.home() / ".cache" / "x") == "~/.cache/x"
+    assert config.display_path(str(Path.home()) + "-other/x") == str(Path.home()) + "-other/x"  # not inside home
+    assert config.display_path(tmp_path) == str(tmp_path) or str(tmp_path).startswith(str(Path.home()))
