@@ -23,6 +23,7 @@ batch sizes is :mod:`course_utils.kernel_sweeps`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,16 +77,25 @@ class PackedWeight:
         """e.g. ``"int8 (bf16 input)"``; float formats are just their name (see :func:`variant_label`)."""
         return variant_label(self.fmt, self.act_dtype)
 
+    def __post_init__(self):
+        self.matmul = self._matmul()
+
+    def _matmul(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The kernel call with this weight's tensors bound, resolved once (a decode step makes hundreds)."""
+        t, g = self.tensors, self.group_size
+        if self.fmt in FLOAT_FORMATS:
+            w = t["weight"]
+            return lambda x: torch.nn.functional.linear(x, w)
+        if self.fmt == "int8":
+            w, s = t["weight"], t["scales"]
+            return lambda x: torch._weight_int8pack_mm(x, w, s)
+        w, sz = t["weight"], t["scales_and_zeros"]
+        op = torch._weight_int4pack_mm if _device_type(self.device) == "cuda" else torch._weight_int4pack_mm_for_cpu
+        return lambda x: op(x, w, g, sz)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (m, in_features)`` in ``act_dtype`` -> ``(m, out_features)``."""
-        t = self.tensors
-        if self.fmt in FLOAT_FORMATS:
-            return torch.nn.functional.linear(x, t["weight"])
-        if self.fmt == "int8":
-            return torch._weight_int8pack_mm(x, t["weight"], t["scales"])
-        if _device_type(self.device) == "cuda":
-            return torch._weight_int4pack_mm(x, t["weight"], self.group_size, t["scales_and_zeros"])
-        return torch._weight_int4pack_mm_for_cpu(x, t["weight"], self.group_size, t["scales_and_zeros"])
+        return self.matmul(x)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight ``(out_features, in_features)`` that this format represents."""
@@ -186,16 +196,16 @@ def pack_weight(
 def _pack(weight: torch.Tensor, fmt: str, group_size: int, act_dtype: torch.dtype) -> PackedWeight:
     out_features, in_features = weight.shape
     device = str(weight.device)
-    common = dict(fmt=fmt, out_features=out_features, in_features=in_features, act_dtype=act_dtype, device=device)
+    common = dict(out_features=out_features, in_features=in_features, act_dtype=act_dtype, device=device)
     if fmt in FLOAT_FORMATS:
         w = weight.to(FLOAT_FORMATS[fmt]).contiguous()
-        return PackedWeight(tensors={"weight": w}, kernel="torch.nn.functional.linear", **common)
+        return PackedWeight(fmt=fmt, tensors={"weight": w}, kernel="torch.nn.functional.linear", **common)
     w = weight.float()
     if fmt == "int8":
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(act_dtype)
         codes = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
         return PackedWeight(
-            tensors={"weight": codes, "scales": scales}, kernel="torch._weight_int8pack_mm", **common
+            fmt=fmt, tensors={"weight": codes, "scales": scales}, kernel="torch._weight_int8pack_mm", **common
         )
     if fmt != "int4":
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
@@ -218,7 +228,14 @@ def _pack(weight: torch.Tensor, fmt: str, group_size: int, act_dtype: torch.dtyp
     codes = torch.round((groups - zeros[..., None]) / scales[..., None] + 8).clamp(0, 15)
     codes = codes.reshape(out_features, in_features).to(torch.int32).contiguous()
     scales_and_zeros = torch.stack([scales.T, zeros.T], dim=-1).to(act_dtype).contiguous()
-    if _device_type(device) == "cuda":
+    return int4_packed(codes, scales_and_zeros, group_size, **common)
+
+
+def int4_packed(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, **common: Any) -> PackedWeight:
+    """A :class:`PackedWeight` for the int4 kernel from ``codes`` (out, in) int32 0..15 and ``scales_and_zeros``
+    (in // group_size, out, 2) in the activation dtype; the weight is ``(code - 8) * scale + zero``.
+    ``common``: the other fields (``out_features``, ``in_features``, ``act_dtype``, ``device``)."""
+    if _device_type(common["device"]) == "cuda":
         nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
         packed = torch._convert_weight_to_int4pack(nibbles, _CUDA_INT4_INNER_K_TILES)
         kernel = "torch._weight_int4pack_mm"
@@ -226,6 +243,7 @@ def _pack(weight: torch.Tensor, fmt: str, group_size: int, act_dtype: torch.dtyp
         packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
         kernel = "torch._weight_int4pack_mm_for_cpu"
     return PackedWeight(
+        fmt="int4",
         tensors={"weight": packed, "scales_and_zeros": scales_and_zeros},
         group_size=group_size,
         kernel=kernel,

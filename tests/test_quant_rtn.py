@@ -137,7 +137,15 @@ def test_quant_linear_equals_matmul_with_dequantized_weight(config):
     weight = codes * expected.scales.half().float().repeat_interleave(g, 1)
     assert torch.equal(q.dequantized_weight(), weight)
     x = torch.randn(5, 128)
+    q.engine = "dequantize"
     torch.testing.assert_close(q(x), x @ weight.T + linear.bias, rtol=1e-6, atol=1e-6)  # float32 sums in another order
+    # by default a few rows go through a bf16 kernel where one fits (4 bits, or 8 bits per channel): the same
+    # weight up to bf16 rounding of the input, the scales and the output (each under 2^-8 relative)
+    q.engine = "auto"
+    with torch.no_grad():
+        exact = x @ weight.T + linear.bias
+        rel = float((q(x) - exact).norm() / exact.norm())
+    assert rel < (1e-2 if q._kernel[2] is not None else 1e-6), rel
 
 
 def resident_bytes(out, cols, bits, groups, symmetric, bias):
@@ -225,3 +233,34 @@ def test_default_model_rtn_size_and_quality(default_model):
     # 8-bit codes per row: each weight moves by at most absmax / 254 (absmax about 4 sigma: noise of about
     # 1e-4 of the weights' variance); the perplexity moves by about 0.4 %, 2 % would mean a broken quantizer
     assert abs(evaluate.compare(qmodel, model, windows).ppl_delta_pct) < 2.0
+
+
+def test_the_full_grid_puts_the_largest_magnitude_on_the_extra_code():
+    """Q4_0's rule: the value of largest magnitude, sign kept, lands on -8 exactly; the codes span -8..7 and
+    the error is no larger than the balanced grid's (one more level for the same range)."""
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    full = rtn.quantize(w, 4, 32, True, full_grid=True)
+    assert int(full.codes.min()) == -8 and int(full.codes.max()) <= 7
+    groups = w.view(32, 2, 32)
+    extreme = groups.gather(-1, groups.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    torch.testing.assert_close(full.scales * -8, extreme)
+    assert ((full.scales < 0) == (extreme > 0)).all()
+    balanced = rtn.quantize(w, 4, 32, True)
+    assert (full.dequantize() - w).pow(2).sum() < (balanced.dequantize() - w).pow(2).sum()
+    assert rtn.code_range(4, True, True) == (-8, 7) and rtn.code_range(4, True) == (-7, 7)
+    with pytest.raises(ValueError, match="zero-point grid already uses"):
+        RTNConfig(4, 32, symmetric=False, full_grid=True)
+
+
+def test_a_full_grid_layer_stores_and_runs_its_codes():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    q = QuantLinear.from_linear(lin, RTNConfig(4, 32, full_grid=True))
+    expected = rtn.quantize(lin.weight, 4, 32, True, full_grid=True)
+    assert torch.equal(q.codes(), expected.codes)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        q.engine = "dequantize"
+        exact = q(x)
+        q.engine = "kernel"
+        assert float((q(x) - exact).norm() / exact.norm()) < 1e-2

@@ -154,6 +154,7 @@ def search_scale(
     symmetric: bool = True,
     n_grid: int = 20,
     expand: torch.Tensor | None = None,
+    full_grid: bool = False,
 ) -> ScaleSearch:
     """AWQ's scale search for Linears that read the same inputs (see the module docstring, step 2).
 
@@ -177,7 +178,7 @@ def search_scale(
     for k, alpha in enumerate(alphas):
         s = normalized_scales(magnitude, alpha)
         column = s if expand is None else s[expand]
-        q = rtn.quantize(w * column, bits, g, symmetric).dequantize() / column
+        q = rtn.quantize(w * column, bits, g, symmetric, full_grid=full_grid).dequantize() / column
         err = output_error(q - w, gram)
         errors.append(err)
         if err < best_error:
@@ -198,6 +199,7 @@ def search_clip(
     group_size: int | str = 64,
     symmetric: bool = True,
     ratios: tuple[float, ...] = CLIP_RATIOS,
+    full_grid: bool = False,
 ) -> torch.Tensor:
     """Best clip ratio per (row, group), (out, n_groups) float32, among ``ratios``.
 
@@ -214,7 +216,7 @@ def search_clip(
     best_error = torch.full((out, cols // g), math.inf, device=w.device)
     best = torch.ones(out, cols // g, device=w.device)
     for r in sorted(ratios, reverse=True):
-        d = (rtn.quantize(w, bits, g, symmetric, r).dequantize() - w).view(out, cols // g, g)
+        d = (rtn.quantize(w, bits, g, symmetric, r, full_grid).dequantize() - w).view(out, cols // g, g)
         err = (torch.einsum("ogi,gij->ogj", d, blocks) * d).sum(-1)
         better = err < best_error
         best_error = torch.where(better, err, best_error)
@@ -230,7 +232,8 @@ class AWQConfig:
     """How AWQ quantizes each Linear: ``bits`` (2-8), ``group_size`` (int or "channel"), ``symmetric``
     (absmax; False: the paper's zero-point grid), ``n_grid`` (alpha values in [0, 1)), ``clip`` (search a
     clip ratio per group after scaling), ``groups`` (which Linear groups get scales: any of "qkv", "o",
-    "gate_up", "down"; the others are only clipped and rounded)."""
+    "gate_up", "down"; the others are only clipped and rounded), ``full_grid`` (symmetric codes on all
+    2**bits levels, -8..7 for 4 bits, as llama.cpp's Q4_0)."""
 
     method: ClassVar[str] = "awq"
     needs_calibration: ClassVar[bool] = True
@@ -241,16 +244,19 @@ class AWQConfig:
     n_grid: int = 20
     clip: bool = True
     groups: tuple[str, ...] = GROUP_LABELS
+    full_grid: bool = False
 
     def __post_init__(self):
         rtn.check_bits(self.bits)
+        rtn.check_grid(self.symmetric, self.full_grid)
         alpha_grid(self.n_grid)
 
     def label(self) -> str:
         """Short name such as ``awq int4 g64 sym clip``."""
         g = self.group_size if isinstance(self.group_size, str) else f"g{self.group_size}"
         scaled = "" if tuple(self.groups) == GROUP_LABELS else f" scales:{'+'.join(self.groups) or 'none'}"
-        return f"awq int{self.bits} {g} {'sym' if self.symmetric else 'asym'}{' clip' if self.clip else ''}{scaled}"
+        grid = "sym full" if self.full_grid else "sym" if self.symmetric else "asym"
+        return f"awq int{self.bits} {g} {grid}{' clip' if self.clip else ''}{scaled}"
 
 
 @dataclass(frozen=True)
@@ -349,7 +355,8 @@ def quantize_model(
                 continue
             expand = attention_expand(layer, where) if label == "o" else None
             linears = [modules[n] for n in names]
-            found = search_scale([m.weight for m in linears], stats[k], config.bits, config.group_size, config.symmetric, config.n_grid, expand)
+            found = search_scale([m.weight for m in linears], stats[k], config.bits, config.group_size, config.symmetric,
+                                 config.n_grid, expand, config.full_grid)
             fold_scales(modules[previous], linears, found.scales, expand)
             stats[k] = stats[k].scaled(found.scales if expand is None else found.scales[expand])
             alphas[f"{where}.{label}"] = found.alpha
@@ -361,12 +368,14 @@ def quantize_model(
             for name in names:
                 w = modules[name].weight
                 if config.clip and not name.endswith(NOT_CLIPPED):
-                    ratio = search_clip(w, stats[k].gram, config.bits, config.group_size, config.symmetric)
+                    ratio = search_clip(w, stats[k].gram, config.bits, config.group_size, config.symmetric,
+                                        full_grid=config.full_grid)
                 else:
                     ratio = torch.ones(1, device=w.device)
                 ratios[f"{where}.{name}"] = float(ratio.mean())
                 clipped[f"{where}.{name}"] = float((ratio < 1).float().mean())
-                quantized[modules[name]] = rtn.quantize(w, config.bits, config.group_size, config.symmetric, ratio)
+                quantized[modules[name]] = rtn.quantize(w, config.bits, config.group_size, config.symmetric, ratio,
+                                                        config.full_grid)
         replace_linears(layer, lambda lin: QuantLinear(quantized[lin], lin.bias, dtype=lin.weight.dtype),
                         only=[n for _, _, names in LLAMA_GROUPS for n in names])
         probe = (run_layer(layer, *probe), probe[1])

@@ -123,23 +123,28 @@ def aligned_block_size(block_size: int, group_size: int) -> int:
 
 
 def _float16_scales(scales: torch.Tensor) -> torch.Tensor:
-    """``scales`` rounded to the nearest float16 (what ``QuantLinear`` stores), kept positive."""
-    return scales.to(torch.float16).float().clamp(min=2.0**-24, max=65504.0)
+    """``scales`` rounded to the nearest float16 (what ``QuantLinear`` stores), their magnitudes kept
+    within float16's range (from its smallest subnormal, 2**-24, to 65504); the sign is kept (the full grid's
+    scales can be negative)."""
+    sign = torch.where(scales < 0, -1.0, 1.0)
+    return sign * scales.abs().to(torch.float16).float().clamp(min=2.0**-24, max=65504.0)
 
 
-def _grid(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _grid(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+          full_grid: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales (out, in // group_size), rounded to float16 values, and zero points (float, or None) that
     round-to-nearest gives ``w`` (out, in) with groups of ``group_size`` columns."""
-    q = rtn.quantize(w, bits, group_size, symmetric)
+    q = rtn.quantize(w, bits, group_size, symmetric, full_grid=full_grid)
     return _float16_scales(q.scales), None if q.zeros is None else q.zeros.float()
 
 
-def _round_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+def _round_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                  full_grid: bool = False) -> torch.Tensor:
     """Codes (out,) float of one column ``w`` on the grid ``scale`` / ``zero``, as in :func:`rtn.quantize`."""
+    low, high = rtn.code_range(bits, zero is None, full_grid)
     if zero is None:
-        qmax = 2 ** (bits - 1) - 1
-        return torch.round(w / scale).clamp(-qmax, qmax)
-    return (torch.round(w / scale) + zero).clamp(0, 2**bits - 1)
+        return torch.round(w / scale).clamp(low, high)
+    return (torch.round(w / scale) + zero).clamp(low, high)
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, float]:
@@ -176,7 +181,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01) -> tuple[t
 
 def _column_loop(
     W: torch.Tensor, U: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-    order: list[int], g: int, bits: int, act_order: bool, symmetric: bool, block_size: int,
+    order: list[int], g: int, bits: int, act_order: bool, symmetric: bool, block_size: int, full_grid: bool = False,
 ) -> None:
     """Steps 4-6 of the module docstring, in place: fill ``codes`` (and, without act-order, ``scales`` and
     ``zeros``) column by column in ``order``, spreading each error through ``U``; ``W`` is consumed."""
@@ -192,13 +197,13 @@ def _column_loop(
             if not act_order and col % g == 0:  # 6. a new group: its grid from the current weights
                 # inside this block, or (a group wider than the block starts with it) fully updated in W
                 current = W1[:, i : i + g] if i + g <= b1 - b0 else W[:, b0 : b0 + g]
-                s, z = _grid(current, bits, g, symmetric)
+                s, z = _grid(current, bits, g, symmetric, full_grid)
                 scales[:, group] = s[:, 0]
                 if zeros is not None:
                     zeros[:, group] = z[:, 0]
             s, z = scales[:, group], None if zeros is None else zeros[:, group]
             # 4. round the column, then spread its error over the columns to its right
-            q = _round_column(W1[:, i], s, z, bits)
+            q = _round_column(W1[:, i], s, z, bits, full_grid)
             codes[:, col] = q.to(torch.int16)
             w_hat = q * s if z is None else (q - z) * s
             err = (W1[:, i] - w_hat) / U1[i, i]
@@ -216,6 +221,7 @@ def gptq_quantize_weight(
     act_order: bool = False,
     damp: float = 0.01,
     block_size: int = 128,
+    full_grid: bool = False,
 ) -> GPTQResult:
     """GPTQ codes for ``weight`` (out, in) given the Hessian (in, in) of its inputs (see the module docstring).
 
@@ -223,8 +229,10 @@ def gptq_quantize_weight(
     ``symmetric``: absmax grid (codes in ``[-(2**(b-1)-1), 2**(b-1)-1]``) or zero-point grid (``0..2**b-1``),
     as :func:`rtn.quantize`. ``act_order``: quantize columns by decreasing ``H_jj``, with static groups.
     ``damp``: dampening relative to ``mean(diag H)``. ``block_size``: columns per lazy batch.
+    ``full_grid``: symmetric codes on all 2**bits levels (``-2**(b-1)..2**(b-1)-1``, see :mod:`rtn`).
     """
     rtn.check_bits(bits)
+    rtn.check_grid(symmetric, full_grid)
     if weight.dim() != 2:
         raise ValueError(f"expected a 2-D weight (out_features, in_features), got shape {tuple(weight.shape)}")
     out, cols = weight.shape
@@ -237,12 +245,12 @@ def gptq_quantize_weight(
         raise ValueError(f"damp must be >= 0 (a fraction of mean(diag H), 0.01 is usual), got {damp!r}")
     block_size = aligned_block_size(block_size, g)
     with hardware.one_cpu_thread(weight.device):  # thousands of small operations: see its docstring
-        return _gptq(weight, hessian, bits, g, symmetric, act_order, damp, block_size)
+        return _gptq(weight, hessian, bits, g, symmetric, act_order, damp, block_size, full_grid)
 
 
 def _gptq(
     weight: torch.Tensor, hessian: torch.Tensor, bits: int, g: int, symmetric: bool, act_order: bool,
-    damp: float, block_size: int,
+    damp: float, block_size: int, full_grid: bool = False,
 ) -> GPTQResult:
     """The body of :func:`gptq_quantize_weight`, after its checks (``g``: resolved group size)."""
     out, cols = weight.shape
@@ -266,7 +274,7 @@ def _gptq(
     scales = torch.zeros(out, n_groups, device=W.device)
     zeros = None if symmetric else torch.zeros(out, n_groups, device=W.device)
     if act_order:
-        scales, zeros = _grid(W, bits, g, symmetric)
+        scales, zeros = _grid(W, bits, g, symmetric, full_grid)
         W, H = W[:, perm], H[perm][:, perm]
 
     # 2.-3. dampening and the Cholesky factor of the inverse Hessian
@@ -275,7 +283,7 @@ def _gptq(
 
     codes = torch.zeros(out, cols, dtype=torch.int16, device=W.device)
     order = perm.tolist()  # order[p]: the original column quantized at position p
-    _column_loop(W, U, codes, scales, zeros, order, g, bits, act_order, symmetric, block_size)
+    _column_loop(W, U, codes, scales, zeros, order, g, bits, act_order, symmetric, block_size, full_grid)
 
     quantized = rtn.QuantizedTensor(
         codes, scales.contiguous(), None if zeros is None else zeros.to(torch.int16).contiguous(), bits, g, symmetric
@@ -294,7 +302,8 @@ class GPTQConfig:
     """How GPTQ quantizes each Linear: ``bits`` (2-8), ``group_size`` (int or "channel"), ``symmetric``
     (absmax) or zero-point, ``act_order`` (static groups), ``damp`` (relative dampening),
     ``block_size`` (lazy-batch columns), ``true_sequential`` (record each group of Linears' inputs after
-    the previous groups of the same decoder layer are quantized)."""
+    the previous groups of the same decoder layer are quantized), ``full_grid`` (symmetric codes on all
+    2**bits levels, -8..7 for 4 bits, as llama.cpp's Q4_0)."""
 
     method: ClassVar[str] = "gptq"
     needs_calibration: ClassVar[bool] = True
@@ -306,16 +315,19 @@ class GPTQConfig:
     damp: float = 0.01
     block_size: int = 128
     true_sequential: bool = True
+    full_grid: bool = False
 
     def __post_init__(self):
         rtn.check_bits(self.bits)
+        rtn.check_grid(self.symmetric, self.full_grid)
         if self.group_size == "tensor":
             raise ValueError("GPTQ quantizes per group or per channel ('channel'), not with one scale per tensor")
 
     def label(self) -> str:
         """Short name such as ``gptq int4 g64 sym act-order``."""
         g = self.group_size if isinstance(self.group_size, str) else f"g{self.group_size}"
-        return f"gptq int{self.bits} {g} {'sym' if self.symmetric else 'asym'}{' act-order' if self.act_order else ''}"
+        grid = "sym full" if self.full_grid else "sym" if self.symmetric else "asym"
+        return f"gptq int{self.bits} {g} {grid}{' act-order' if self.act_order else ''}"
 
 
 @dataclass(frozen=True)
@@ -372,7 +384,7 @@ def quantize_model(
                     linear = modules[name]
                     result = gptq_quantize_weight(
                         linear.weight, stats.hessian, config.bits, config.group_size, config.symmetric,
-                        config.act_order, config.damp, config.block_size,
+                        config.act_order, config.damp, config.block_size, config.full_grid,
                     )
                     results[linear] = result
                     full = f"{where}.{name}"

@@ -3,8 +3,10 @@
 ``QuantLinear`` holds, as buffers: ``packed`` (uint8 bit stream of the codes, see
 :mod:`course_utils.quant.packing`), ``scales`` (float16, one per group), ``zeros`` (uint8, asymmetric
 only) and the float ``bias``. Its resident size is therefore what the theory says: ``bits`` per weight
-plus 16 bits per group for the scale (and 8 for the zero point). ``forward`` rebuilds the float weight
-and calls ``F.linear``: it saves memory, not time (lesson 03 shows kernels that save time).
+plus 16 bits per group for the scale (and 8 for the zero point). ``forward`` asks
+:mod:`course_utils.quant.kernel_path` which matmul to run: a real int4 or int8 kernel reading packed
+bits (decode steps, where a kernel fits), or rebuilding the float weight and calling ``F.linear``
+(long inputs, and layers no kernel fits). The layer's ``engine`` attribute overrides the choice.
 
 :func:`quantize_model` is round-to-nearest for a model (:class:`RTNConfig`), following the course's
 quantizer contract (:mod:`course_utils.quant.contract`); GPTQ and AWQ store their results as
@@ -21,14 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from course_utils import memory
-from course_utils.quant import packing, rtn
+from course_utils.quant import kernel_path, packing, rtn
 from course_utils.quant.contract import QuantizedLayer, Report, convert, report_fields
 
 
 @dataclass(frozen=True)
 class RTNConfig:
     """How to quantize each Linear: ``bits`` (2-8), ``group_size`` (int, "channel" or "tensor"),
-    ``symmetric`` (absmax) or zero-point, and ``clip`` (search a clip ratio per group)."""
+    ``symmetric`` (absmax) or zero-point, ``clip`` (search a clip ratio per group), ``full_grid``
+    (symmetric codes on all 2**bits levels, -8..7 for 4 bits, as llama.cpp's Q4_0; see :mod:`rtn`)."""
 
     method: ClassVar[str] = "rtn"
     needs_calibration: ClassVar[bool] = False
@@ -37,18 +40,23 @@ class RTNConfig:
     group_size: rtn.Granularity = 64
     symmetric: bool = True
     clip: bool = False
+    full_grid: bool = False
 
     def __post_init__(self):
         rtn.check_bits(self.bits)
+        rtn.check_grid(self.symmetric, self.full_grid)
 
     def label(self) -> str:
-        """Short name such as ``int4 g64 sym``."""
+        """Short name such as ``int4 g64 sym`` (``sym full`` on the full grid)."""
         g = self.group_size if isinstance(self.group_size, str) else f"g{self.group_size}"
-        return f"int{self.bits} {g} {'sym' if self.symmetric else 'asym'}{' clip' if self.clip else ''}"
+        grid = "sym full" if self.full_grid else "sym" if self.symmetric else "asym"
+        return f"int{self.bits} {g} {grid}{' clip' if self.clip else ''}"
 
 
 class QuantLinear(QuantizedLayer):
     """Drop-in replacement for ``nn.Linear`` with weights stored as packed ``bits``-bit codes."""
+
+    engine: str = "auto"  # see course_utils.quant.kernel_path: "auto", "kernel" or "dequantize"
 
     def __init__(self, q: rtn.QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -67,8 +75,9 @@ class QuantLinear(QuantizedLayer):
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"QuantLinear.from_linear needs an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
-        ratio = rtn.search_clip_ratio(w, config.bits, config.group_size, config.symmetric, inputs) if config.clip else 1.0
-        q = rtn.quantize(w, config.bits, config.group_size, config.symmetric, ratio)
+        ratio = (rtn.search_clip_ratio(w, config.bits, config.group_size, config.symmetric, inputs,
+                                       full_grid=config.full_grid) if config.clip else 1.0)
+        q = rtn.quantize(w, config.bits, config.group_size, config.symmetric, ratio, config.full_grid)
         return cls(q, linear.bias, dtype=w.dtype)
 
     def codes(self) -> torch.Tensor:
@@ -86,6 +95,10 @@ class QuantLinear(QuantizedLayer):
         return q.dequantize().to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        packed = kernel_path.kernel_for(self, rows, x.device)
+        if packed is not None:
+            return kernel_path.run(packed, x, self.bias)
         return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:

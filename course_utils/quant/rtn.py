@@ -8,6 +8,11 @@ Each group gets a scale (and, asymmetric, a zero point) and each weight becomes 
   ``[-(2**(b-1) - 1), 2**(b-1) - 1]``, ``w ~ q * scale``;
 - asymmetric (zero-point): ``scale = clip * (max w - min w) / (2**b - 1)``,
   ``z = round(-clip * min w / scale)``, ``q = clamp(round(w / scale) + z, 0, 2**b - 1)``, ``w ~ (q - z) * scale``.
+
+The symmetric grid leaves one of the 2**b codes unused (-8 for 4 bits: 15 levels). ``full_grid=True``
+uses it as llama.cpp's Q4_0 and Q8_0 do: ``scale = -clip * m / 2**(b-1)`` with ``m`` the group's value of
+largest magnitude, sign kept, so that ``m`` lands on code ``-2**(b-1)`` exactly and the codes span
+``[-2**(b-1), 2**(b-1) - 1]``; the scale is negative when ``m`` is positive.
 """
 
 from __future__ import annotations
@@ -86,12 +91,15 @@ def quantize(
     group_size: Granularity = 64,
     symmetric: bool = True,
     clip_ratio: float | torch.Tensor = 1.0,
+    full_grid: bool = False,
 ) -> QuantizedTensor:
     """Round-to-nearest quantization of ``weight`` (out, in); see the module docstring for the formulas.
 
     ``clip_ratio`` (0 < r <= 1) shrinks each group's range before rounding: a float for all groups, or
-    a tensor broadcastable to (out, n_groups) from :func:`search_clip_ratio`.
+    a tensor broadcastable to (out, n_groups) from :func:`search_clip_ratio`. ``full_grid``: symmetric
+    codes on all 2**bits levels (see the module docstring); ``ValueError`` with ``symmetric=False``.
     """
+    check_grid(symmetric, full_grid)
     check_bits(bits)
     _check_weight(weight)
     out, cols = weight.shape
@@ -100,7 +108,13 @@ def quantize(
     if group_size == "tensor":
         w = weight.detach().float().reshape(1, 1, -1)
     ratio = torch.as_tensor(clip_ratio, dtype=torch.float32, device=w.device)
-    if symmetric:
+    if symmetric and full_grid:
+        half = 2 ** (bits - 1)
+        extreme = w.gather(-1, w.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        scales = nonzero_scale(-extreme * ratio / half)
+        codes = torch.round(w / scales.unsqueeze(-1)).clamp(-half, half - 1)
+        zeros = None
+    elif symmetric:
         qmax = 2 ** (bits - 1) - 1
         scales = (w.abs().amax(-1) * ratio / qmax).clamp(min=1e-12)
         codes = torch.round(w / scales.unsqueeze(-1)).clamp(-qmax, qmax)
@@ -120,6 +134,26 @@ def quantize(
     return QuantizedTensor(codes, scales.float().contiguous(), zeros if zeros is None else zeros.contiguous(), bits, g, symmetric)
 
 
+def check_grid(symmetric: bool, full_grid: bool) -> None:
+    """``ValueError`` for ``full_grid`` without ``symmetric``: a zero-point grid already uses every code."""
+    if full_grid and not symmetric:
+        raise ValueError("full_grid applies to the symmetric grid; the zero-point grid already uses all 2**bits codes")
+
+
+def code_range(bits: int, symmetric: bool, full_grid: bool = False) -> tuple[int, int]:
+    """Smallest and largest code: symmetric ``(-(2**(b-1) - 1), 2**(b-1) - 1)``, or ``(-2**(b-1), ...)`` on
+    the full grid; zero-point ``(0, 2**b - 1)``."""
+    if not symmetric:
+        return 0, 2**bits - 1
+    half = 2 ** (bits - 1)
+    return (-half if full_grid else -(half - 1)), half - 1
+
+
+def nonzero_scale(scales: torch.Tensor) -> torch.Tensor:
+    """``scales`` (of either sign) with magnitudes below 1e-12 set to 1e-12 (an all-zero group)."""
+    return torch.where(scales.abs() < 1e-12, torch.full_like(scales, 1e-12), scales)
+
+
 def fake_quantize(
     weight: torch.Tensor, bits: int = 4, group_size: Granularity = 64, symmetric: bool = True, clip_ratio: float | torch.Tensor = 1.0
 ) -> torch.Tensor:
@@ -135,6 +169,7 @@ def search_clip_ratio(
     inputs: torch.Tensor | None = None,
     grid: int = 20,
     min_ratio: float = 0.5,
+    full_grid: bool = False,
 ) -> torch.Tensor:
     """Best clip ratio per group, from ``grid`` ratios between ``min_ratio`` and 1.
 
@@ -154,7 +189,7 @@ def search_clip_ratio(
     best_err = torch.full((out, cols // g), math.inf, device=w.device)
     best = torch.ones(out, cols // g, device=w.device)
     for r in torch.linspace(min_ratio, 1.0, grid).tolist():
-        err = ((quantize(w, bits, g, symmetric, r).dequantize() - w).view(out, cols // g, g).pow(2) * energy).sum(-1)
+        err = ((quantize(w, bits, g, symmetric, r, full_grid).dequantize() - w).view(out, cols // g, g).pow(2) * energy).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, torch.full_like(best, r), best)
