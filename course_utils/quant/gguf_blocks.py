@@ -344,3 +344,32 @@ def dequantize(raw: np.ndarray, fmt: str, name: str = "tensor") -> np.ndarray:
         raise ValueError(f"tensor {name!r}: rows of {raw.shape[-1]} bytes are not whole {f.name} blocks of {f.block_bytes} bytes")
     values = _DEQUANTIZE[f.name](raw.reshape(-1, f.block_bytes))
     return values.reshape(*raw.shape[:-1], raw.shape[-1] // f.block_bytes * f.block_size)
+
+
+def from_codes(codes: np.ndarray, d: np.ndarray, fmt: str) -> np.ndarray:
+    """The bytes of a Q4_0 or Q8_0 tensor holding given integer codes and float16 block scales, exactly.
+
+    ``codes``: (rows, row_len) signed integers (-8..7 for Q4_0, -128..127 for Q8_0); ``d``: (rows,
+    row_len / 32) scales that float16 holds exactly (each block's weight is ``d * code``). Returns uint8
+    (rows, row_len / 32 * block_bytes), which :func:`dequantize` turns back into ``d * code`` bit for bit.
+    ``ValueError`` for a code outside the type's range or a scale float16 would round."""
+    f = block_format(fmt)
+    if f.name not in ("Q4_0", "Q8_0"):
+        raise ValueError(f"from_codes writes Q4_0 or Q8_0 (scale times code), not {f.name}")
+    codes = np.asarray(codes)
+    rows, row_len = codes.shape
+    if row_len % f.block_size or np.shape(d) != (rows, row_len // f.block_size):
+        raise ValueError(f"codes {codes.shape} need rows of whole blocks of 32 and one scale per block, got d {np.shape(d)}")
+    low, high = (-8, 7) if f.name == "Q4_0" else (-128, 127)
+    if codes.min() < low or codes.max() > high:
+        raise ValueError(f"{f.name} holds codes {low}..{high}; these span {codes.min()}..{codes.max()}")
+    d = np.asarray(d, dtype=np.float32).reshape(-1, 1)
+    if not np.array_equal(d.astype(np.float16).astype(np.float32), d):
+        raise ValueError(f"{f.name} stores each block's scale as float16; these scales are not all float16 values")
+    blocks = codes.reshape(-1, f.block_size)
+    if f.name == "Q4_0":
+        body = _pack_nibbles((blocks + 8).astype(np.uint8))
+    else:
+        body = blocks.astype(np.int8).view(np.uint8)
+    raw = np.concatenate([_f16_bytes(d), body], axis=-1)
+    return raw.reshape(rows, row_len // f.block_size * f.block_bytes)
