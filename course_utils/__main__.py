@@ -1,4 +1,4 @@
-"""Command line of the course: ``python -m course_utils doctor | run | compare | labs``."""
+"""Command line of the course: ``python -m course_utils doctor | run | compare | bench | labs``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--device", help="cpu, cuda or auto (default: auto)")
     cmp.add_argument("--out", help="output folder (default: build/compare)")
     cmp.add_argument("--only", nargs="*", help="methods to keep, e.g. float RTN GPTQ AWQ GGUF")
+    bench = sub.add_parser("bench", help="decode tokens/s of float, own int8/int4 and llama.cpp rows into build/bench/")
+    bench.add_argument("--rounds", type=int, default=5, help="turns over all rows (default 5)")
+    bench.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per measurement (default 128)")
+    bench.add_argument("--only", nargs="*", help="rows to keep, e.g. 'float fp32' 'rtn int4' 'llama.cpp Q4_0'")
+    bench.add_argument("--out", help="output folder (default: build/bench)")
     labs = sub.add_parser("labs", help="generate labs/ from solutions/ (exercise cells replaced by stubs)")
     labs.add_argument("--check", action="store_true", help="only report labs that are out of date (exit 1)")
     args = parser.parse_args(argv)
@@ -42,6 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         files = compare_report.write(rows, args.out or config.repo_root() / "build" / "compare")
         print(compare_report.to_markdown(rows))
         print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s; written: " + ", ".join(str(p) for p in files.values()))
+        return 0
+
+    if args.command == "bench":
+        from course_utils import bench as bench_tools, config
+
+        start = time.perf_counter()
+        with bench_tools.quiet():
+            rows = bench_tools.run(rounds=args.rounds, new_tokens=args.new_tokens, only=args.only)
+        path = bench_tools.write(rows, args.out or config.repo_root() / "build" / "bench")
+        print(bench_tools.to_markdown(rows))
+        print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s; written: {config.display_path(path)}")
         return 0
 
     if args.command == "doctor":

@@ -22,13 +22,15 @@ from __future__ import annotations
 import gc
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from course_utils import cache, config, data, evaluate, memory, models, timing
+from course_utils import cache, config, data, decode, evaluate, memory, models
+from course_utils.quant import kernel_path
 
 PROMPT = "Explain in one paragraph why a smaller model file can generate text faster."
 NEW_TOKENS = 16
@@ -43,7 +45,8 @@ class Row:
     ``linear_bits``: bits per weight of the decoder layers' Linear weights alone, scales included (what
     the quantization method decides; the embedding is stored differently by each runtime);
     speeds in tokens/s (prompt: one batched pass over :data:`PROMPT`; generation: :data:`NEW_TOKENS`
-    greedy steps); ``quantize_s``: the quantizer's run time when it ran (loading included for the
+    greedy steps; PyTorch rows through :func:`course_utils.decode.decode_speed`, the course's own int4/int8
+    layers on their kernels); ``quantize_s``: the quantizer's run time when it ran (loading included for the
     libraries, read from their cache when reused). ``note``: why a row was skipped, or what to know.
     ``library``: what computed the quantized weights ("course_utils", "bitsandbytes", "GPTQModel",
     "llm-compressor", "llama.cpp", "transformers" for the float model); ``source``: "from scratch" (the
@@ -281,7 +284,12 @@ def context(model_name: str | None = None, device: str | None = None) -> Context
 
 def _measure_torch(ctx: Context, row: Row, m: torch.nn.Module, memory_bytes: int) -> None:
     c = evaluate.compare(m, ctx.reference, ctx.windows)
-    speed = timing.decode_tokens_per_second(m, ctx.tokenizer, PROMPT, new_tokens=NEW_TOKENS)
+    with warnings.catch_warnings():  # a layer no kernel fits (3 bits) dequantizes: the row's note says so
+        warnings.simplefilter("ignore", kernel_path.KernelFallbackWarning)
+        speed = decode.decode_speed(m, ctx.tokenizer, PROMPT, new_tokens=NEW_TOKENS)
+    fallback = kernel_path.summary(m)
+    if fallback["dequantize"]:
+        row.note = "; ".join(filter(None, [row.note, f"no kernel: {next(iter(fallback['reasons']))}"]))
     row.memory_bytes, row.bits_per_weight = memory_bytes, memory.stored_bits_per_weight(memory_bytes, ctx.n_params)
     # the rest stays as in the float model
     row.linear_bits = memory.stored_bits_per_weight(memory_bytes - ctx.other_bytes, ctx.linear_params)

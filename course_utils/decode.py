@@ -62,21 +62,40 @@ def _concatenated_bias(modules: list[nn.Module], dtype: torch.dtype) -> torch.Te
                       for m in modules]).to(dtype)
 
 
-def linear_function(modules: list[nn.Module], dtype: torch.dtype) -> tuple[LinearFn, str]:
-    """One function computing the outputs of ``modules`` (Linear layers reading the same input, such as a
-    layer's q, k and v projections), concatenated, for an input ``(rows, in)`` in ``dtype``; and its name.
+@dataclass(frozen=True)
+class Matmul:
+    """How a Decoder multiplies by one or more Linear layers: ``fn`` maps ``(rows, in)`` to their outputs side by
+    side; ``name`` (``"fp32"``, ``"int4"``, ``"dequantize"``...); ``nbytes``: what one call reads from memory
+    (the stored weights and scales); ``n_weights``: how many weights they hold."""
+
+    fn: LinearFn
+    name: str
+    nbytes: int
+    n_weights: int
+
+
+def _stored_bytes(module: nn.Module) -> int:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def linear_function(modules: list[nn.Module], dtype: torch.dtype) -> Matmul:
+    """One :class:`Matmul` computing the outputs of ``modules`` (Linear layers reading the same input, such as
+    a layer's q, k and v projections), concatenated, for an input ``(rows, in)`` in ``dtype``.
 
     Float ``nn.Linear`` layers: their weights stacked into one matrix in ``dtype`` (a copy) for one
-    ``F.linear``, named by dtype (``"fp32"``). Course quantized layers that one kernel fits
+    matrix product, named by dtype (``"fp32"``). Course quantized layers that one kernel fits
     (:mod:`course_utils.quant.kernel_path`): their codes packed together for one kernel call (``"int4"``,
     ``"int8"``). Anything else (a layer set to dequantize, a layer no kernel fits, another library's layer):
     each module called in turn, the outputs concatenated (``"dequantize"``, or the module's class name).
     """
     first = modules[0]
+    n_weights = sum(m.in_features * m.out_features for m in modules)
     if all(type(m) is nn.Linear for m in modules):
         weight = torch.cat([m.weight.detach() for m in modules]).to(dtype)
         bias = _concatenated_bias(modules, dtype)
-        return _float_matmul(weight, bias), _DTYPE_NAMES.get(dtype, str(dtype))
+        return Matmul(_float_matmul(weight, bias), _DTYPE_NAMES.get(dtype, str(dtype)),
+                      weight.numel() * weight.element_size(), n_weights)
     if all(_is_course_quantized(m) for m in modules):
         device = first.packed.device
         choices = {kernel_path.choose(m, device).kernel for m in modules}
@@ -85,16 +104,17 @@ def linear_function(modules: list[nn.Module], dtype: torch.dtype) -> tuple[Linea
             packed = kernel_path.pack(modules, device)
             matmul, bias, kernel_dtype = packed.matmul, _concatenated_bias(modules, dtype), packed.act_dtype
             if dtype == kernel_dtype and bias is None:
-                return matmul, packed.fmt
-            return (lambda x: _plus(matmul(x.to(kernel_dtype)).to(dtype), bias)), packed.fmt
+                return Matmul(matmul, packed.fmt, packed.nbytes, n_weights)
+            return Matmul(lambda x: _plus(matmul(x.to(kernel_dtype)).to(dtype), bias), packed.fmt, packed.nbytes, n_weights)
         for m in modules:
             kernel_path.kernel_for(m, 1, device)  # says once why a layer has no kernel
         name = "dequantize"
     else:
         name = type(first).__name__
+    nbytes = sum(_stored_bytes(m) for m in modules)
     if len(modules) == 1:
-        return (lambda x: first(x)), name
-    return (lambda x: torch.cat([m(x) for m in modules], dim=-1)), name
+        return Matmul(lambda x: first(x), name, nbytes, n_weights)
+    return Matmul(lambda x: torch.cat([m(x) for m in modules], dim=-1), name, nbytes, n_weights)
 
 
 def _float_matmul(weight: torch.Tensor, bias: torch.Tensor | None) -> LinearFn:
@@ -150,8 +170,10 @@ class Decoder:
         self.embed = inner.embed_tokens.weight.detach().to(self.dtype)
         self.norm = inner.norm.weight.detach().to(self.dtype)
         self.kernels: dict[str, int] = {}
+        self.matmuls: list[Matmul] = []
         self.layers = [self._layer(layer) for layer in inner.layers]
-        self.head_fn, self.head_label = self._head(model, head)
+        self.head = self._head(model, head)
+        self.head_fn, self.head_label = self.head.fn, self.head.name
         self.kernels[self.head_label] = self.kernels.get(self.head_label, 0) + 1
         positions = torch.arange(max_tokens, device=self.device)[None]
         probe = torch.zeros(1, device=self.device, dtype=torch.float32)
@@ -160,9 +182,10 @@ class Decoder:
         self.length = 0
 
     def _fn(self, *modules: nn.Module) -> LinearFn:
-        fn, name = linear_function(list(modules), self.dtype)
-        self.kernels[name] = self.kernels.get(name, 0) + len(modules)
-        return fn
+        matmul = linear_function(list(modules), self.dtype)
+        self.kernels[matmul.name] = self.kernels.get(matmul.name, 0) + len(modules)
+        self.matmuls.append(matmul)
+        return matmul.fn
 
     def _layer(self, layer: nn.Module) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -175,14 +198,26 @@ class Decoder:
             keys=cache, values=cache.clone(),
         )
 
-    def _head(self, model: nn.Module, head: str) -> tuple[LinearFn, str]:
+    def _head(self, model: nn.Module, head: str) -> Matmul:
         if head == "float":
             return linear_function([model.lm_head], self.dtype)
         if head == "int8":
-            packed = kernels.pack_weight(model.lm_head.weight.detach().float(), "int8", act_dtype=kernel_path.KERNEL_DTYPE)
+            weight = model.lm_head.weight.detach().float()
+            packed = kernels.pack_weight(weight, "int8", act_dtype=kernel_path.KERNEL_DTYPE)
             matmul, dtype = packed.matmul, packed.act_dtype
-            return (lambda x: matmul(x.to(dtype)).to(self.dtype)), "int8"
+            return Matmul(lambda x: matmul(x.to(dtype)).to(self.dtype), "int8", packed.nbytes, weight.numel())
         raise ValueError(f"head must be 'float' or 'int8', got {head!r}")
+
+    def linear_bits_per_weight(self) -> float:
+        """Stored bits per weight of the decoder layers' Linear weights (scales included; the head apart)."""
+        return 8 * sum(m.nbytes for m in self.matmuls) / sum(m.n_weights for m in self.matmuls)
+
+    def bytes_per_token(self) -> int:
+        """Bytes one decode step must read: every layer's weights as stored for its matmul, the output
+        projection, the norms and one embedding row (the KV cache, a few hundred kB here, left out)."""
+        norms = sum(layer.ln1.numel() * 2 * layer.ln1.element_size() for layer in self.layers) + self.norm.numel()
+        row = self.embed.shape[1] * self.embed.element_size()
+        return sum(m.nbytes for m in self.matmuls) + self.head.nbytes + norms + row
 
     def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Rotate ``x: (heads, tokens, head_dim)`` by the angles of positions ``start...``."""
@@ -243,3 +278,59 @@ class Decoder:
             self.greedy(prompt_ids, warmup_tokens)
         _, prefill, steps = self.greedy(prompt_ids, new_tokens + 1)
         return timing.DecodeSpeed(prompt_tokens=int(prompt_ids.shape[0]), prefill_s=prefill, step_s=tuple(steps))
+
+
+WEIGHT_OPS = ("_weight_int4pack_mm", "_weight_int8pack_mm", "aten::mv", "aten::addmv", "aten::mm", "aten::addmm",
+              "aten::bmm", "aten::linear", "aten::matmul", "aten::dot")
+ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "_softmax")
+
+
+def profile_step(decoder: Decoder, prompt_ids: torch.Tensor, steps: int = 16) -> dict[str, float]:
+    """Where a decode step's time goes, in ms per step, from ``torch.profiler`` on the CPU.
+
+    ``"weight matmuls"``: the operators that multiply by a weight (the kernels and float matrix products),
+    i.e. the weight reads; ``"attention"``; ``"other operators"`` (norms, rotary embedding, copies into the
+    cache, activations); ``"between operators"``: the rest of the wall time, spent in Python and in the
+    dispatcher before each operator starts (the profiler adds some of its own). ``"total"``: wall time per step.
+    Self times are summed, so nested operators are not counted twice. CPU time only: on a GPU the kernels run
+    asynchronously and this split does not apply."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder.greedy(prompt_ids, 2)
+    with torch.inference_mode():
+        token = decoder.forward(prompt_ids.to(decoder.device), 0)[-1].argmax()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                token = decoder.forward(token.view(1), decoder.length)[-1].argmax()
+            wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    split = {"weight matmuls": 0.0, "attention": 0.0, "other operators": 0.0}
+    for event in prof.key_averages():
+        ms = event.self_cpu_time_total / 1e3 / steps
+        if any(name in event.key for name in WEIGHT_OPS):
+            split["weight matmuls"] += ms
+        elif any(name in event.key for name in ATTENTION_OPS):
+            split["attention"] += ms
+        else:
+            split["other operators"] += ms
+    split["between operators"] = max(0.0, wall_ms - sum(split.values()))
+    split["total"] = wall_ms
+    return split
+
+
+def decode_speed(model: nn.Module, tokenizer, prompt: str, new_tokens: int = 32) -> timing.DecodeSpeed:
+    """Greedy decode speed of ``model`` after ``prompt``, the fastest way the course runs it.
+
+    A Llama-family model goes through :class:`Decoder`: in bf16 activations when it holds course quantized
+    layers that a kernel fits (the kernels' fast path), else in the model's dtype; its output projection as it
+    is. Any other model goes through transformers (:func:`course_utils.timing.decode_tokens_per_second`)."""
+    try:
+        check_supported(model)
+    except ValueError:
+        return timing.decode_tokens_per_second(model, tokenizer, prompt, new_tokens=new_tokens)
+    quantized = [m for m in model.modules() if _is_course_quantized(m)]
+    with_kernel = [m for m in quantized if kernel_path.choose(m, m.packed.device).kernel != "dequantize"
+                   and m.engine != "dequantize"]
+    dtype = kernel_path.KERNEL_DTYPE if with_kernel else None
+    ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
+    return Decoder(model, dtype=dtype, max_tokens=ids.shape[0] + new_tokens + 8).speed(ids, new_tokens)

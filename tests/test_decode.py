@@ -77,3 +77,12 @@ def test_other_architectures_are_refused_with_the_way_out():
     fake = types.SimpleNamespace(config=types.SimpleNamespace(model_type="gpt2"))
     with pytest.raises(ValueError, match="decode_tokens_per_second"):
         decode.Decoder(fake)
+
+
+def test_the_profile_splits_a_step_into_parts_that_add_up(tiny_llama):
+    d = decode.Decoder(tiny_llama(), max_tokens=64)
+    split = decode.profile_step(d, _ids(8), steps=4)
+    parts = ("weight matmuls", "attention", "other operators", "between operators")
+    assert set(split) == {*parts, "total"}
+    assert all(split[p] >= 0 for p in parts) and split["weight matmuls"] > 0 and split["attention"] > 0
+    assert sum(split[p] for p in parts) == pytest.approx(split["total"], rel=0.05)
