@@ -18,6 +18,9 @@ times any model through transformers. Logits equal transformers' within float ro
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -280,6 +283,20 @@ class Decoder:
         return timing.DecodeSpeed(prompt_tokens=int(prompt_ids.shape[0]), prefill_s=prefill, step_s=tuple(steps))
 
 
+@contextlib.contextmanager
+def _without_native_stderr():
+    """Send what native code writes to file descriptor 2 to /dev/null meanwhile (Python's own errors still raise)."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 WEIGHT_OPS = ("_weight_int4pack_mm", "_weight_int8pack_mm", "aten::mv", "aten::addmv", "aten::mm", "aten::addmm",
               "aten::bmm", "aten::linear", "aten::matmul", "aten::dot")
 ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "_softmax")
@@ -297,7 +314,7 @@ def profile_step(decoder: Decoder, prompt_ids: torch.Tensor, steps: int = 16) ->
     from torch.profiler import ProfilerActivity, profile
 
     decoder.greedy(prompt_ids, 2)
-    with torch.inference_mode():
+    with torch.inference_mode(), _without_native_stderr():  # the profiler's own start/stop log lines
         token = decoder.forward(prompt_ids.to(decoder.device), 0)[-1].argmax()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
