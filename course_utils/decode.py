@@ -335,19 +335,26 @@ def profile_step(decoder: Decoder, prompt_ids: torch.Tensor, steps: int = 16) ->
     return split
 
 
-def decode_speed(model: nn.Module, tokenizer, prompt: str, new_tokens: int = 32) -> timing.DecodeSpeed:
-    """Greedy decode speed of ``model`` after ``prompt``, the fastest way the course runs it.
+def fastest_decoder(model: nn.Module, max_tokens: int = 512) -> Decoder | None:
+    """The :class:`Decoder` the course runs ``model`` with, or ``None`` for a model it does not support.
 
-    A Llama-family model goes through :class:`Decoder`: in bf16 activations when it holds course quantized
-    layers that a kernel fits (the kernels' fast path), else in the model's dtype; its output projection as it
-    is. Any other model goes through transformers (:func:`course_utils.timing.decode_tokens_per_second`)."""
+    In bf16 activations when the model holds course quantized layers that a kernel fits (the kernels' fast
+    path), else in the model's dtype; the output projection as it is."""
     try:
         check_supported(model)
     except ValueError:
-        return timing.decode_tokens_per_second(model, tokenizer, prompt, new_tokens=new_tokens)
-    quantized = [m for m in model.modules() if _is_course_quantized(m)]
-    with_kernel = [m for m in quantized if kernel_path.choose(m, m.packed.device).kernel != "dequantize"
-                   and m.engine != "dequantize"]
-    dtype = kernel_path.KERNEL_DTYPE if with_kernel else None
+        return None
+    with_kernel = [m for m in model.modules() if _is_course_quantized(m) and m.engine != "dequantize"
+                   and kernel_path.choose(m, m.packed.device).kernel != "dequantize"]
+    return Decoder(model, dtype=kernel_path.KERNEL_DTYPE if with_kernel else None, max_tokens=max_tokens)
+
+
+def decode_speed(model: nn.Module, tokenizer, prompt: str, new_tokens: int = 32) -> timing.DecodeSpeed:
+    """Greedy decode speed of ``model`` after ``prompt``, the fastest way the course runs it: through
+    :func:`fastest_decoder`, or through transformers (:func:`course_utils.timing.decode_tokens_per_second`) for
+    a model the lean loop does not support."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
-    return Decoder(model, dtype=dtype, max_tokens=ids.shape[0] + new_tokens + 8).speed(ids, new_tokens)
+    decoder = fastest_decoder(model, max_tokens=ids.shape[0] + new_tokens + 8)
+    if decoder is None:
+        return timing.decode_tokens_per_second(model, tokenizer, prompt, new_tokens=new_tokens)
+    return decoder.speed(ids, new_tokens)
