@@ -15,9 +15,13 @@ with the spread (first and third quartile) beside it. Rows:
 The quantized PyTorch rows keep the output projection (tied to the embedding: 49,152 x 576 in the default
 model, a fifth of its float bytes) in int8 per row on the int8 kernel; llama.cpp's Q4_0 gives it Q8_0.
 The ``head`` column says which. Each row's speed of light is the bandwidth measured in the same rounds
-divided by the bytes one decode step reads. ``kl``: mean KL divergence to the float model on one evaluation
-window (512 tokens), in nats per token; the PyTorch rows are scored through transformers on the same
-weights (a prompt-length input dequantizes, :mod:`course_utils.quant.kernel_path`).
+divided by the bytes one decode step reads at least (:meth:`decode.Decoder.bytes_per_token`: stored weights,
+for a dequantizing layer also its float weight written and read back, and the KV cache at the mean context).
+torch's int4 kernel keeps a bf16 scale and a bf16 zero per group, hence 5 bits per weight on the kernel rows
+against 4.5 for the course's own layout. ``kl``: mean KL divergence to the float model on one evaluation
+window (512 tokens), in nats per token, of exactly what is timed: the PyTorch rows through the same decoder
+(dtype, kernels, head), the llama.cpp rows through llama.cpp (which also rounds activations to 8 bits for its
+Q4_0 and Q8_0 dot products).
 """
 
 from __future__ import annotations
@@ -121,11 +125,15 @@ def speeds_in_turns(models_by_name: dict[str, torch.nn.Module], tokenizer, promp
 
 
 def _pytorch(name: str, method: str, precision: str, model: torch.nn.Module, prompt: torch.Tensor,
-             dtype: torch.dtype, head: str, engine: str, new_tokens: int) -> _Candidate:
-    decoder = decode.Decoder(model, dtype=dtype, max_tokens=prompt.shape[0] + new_tokens + 8, head=head)
+             dtype: torch.dtype, head: str, engine: str, new_tokens: int, windows, reference) -> _Candidate:
+    """A PyTorch row through :class:`decode.Decoder`, its KL scored on the very same decoder."""
+    window = windows.input_ids.shape[1]
+    decoder = decode.Decoder(model, dtype=dtype, max_tokens=max(window, prompt.shape[0] + new_tokens + 8), head=head)
+    kl = evaluate.compare(decode.DecoderLogits(decoder), reference, windows).kl_mean
+    context = prompt.shape[0] + new_tokens // 2  # the mean number of earlier tokens whose keys and values a step reads
     return _Candidate(name, method, precision, engine, "none" if method == "float" else "course", decoder.head_label,
-                      decoder.linear_bits_per_weight(), decoder.bytes_per_token(), new_tokens,
-                      lambda: decoder.speed(prompt, new_tokens, warmup_tokens=2).decode_tokens_per_s)
+                      decoder.linear_bits_per_weight(), decoder.bytes_per_token(context), new_tokens,
+                      lambda: decoder.speed(prompt, new_tokens, warmup_tokens=2).decode_tokens_per_s, kl)
 
 
 def _llamacpp(name: str, method: str, path: Path, prompt_text: str, quantized_by: str, new_tokens: int) -> _Candidate:
@@ -138,10 +146,6 @@ def _llamacpp(name: str, method: str, path: Path, prompt_text: str, quantized_by
     head = next(t.tensor_type.name for t in gguf_file.read(path).tensors if t.name == "token_embd.weight")
     return _Candidate(name, method, layer_type, "llama.cpp", quantized_by, head, bits, summary.bytes_per_token,
                       new_tokens, lambda: llamacpp.decode_speed(path, prompt_text, new_tokens, repeats=1).gen_tokens_per_s)
-
-
-def _kl_torch(model: torch.nn.Module, reference, windows) -> float:
-    return evaluate.compare(model, reference, windows).kl_mean
 
 
 def _kl_gguf(path: Path, reference, windows) -> float:
@@ -206,12 +210,12 @@ def run(model_name: str | None = None, rounds: int = ROUNDS, new_tokens: int = N
         method = key.split()[0] if not key.startswith("llama.cpp") else "float" if key.endswith("F16") else "rtn"
         if key in ("float fp32", "float bf16"):
             dtype = torch.float32 if key.endswith("fp32") else torch.bfloat16
-            c = _pytorch(key, "float", key.split()[1], model, prompt, dtype, "float", "pytorch", new_tokens)
-            c.kl = 0.0 if dtype == torch.float32 else _kl_torch(copy.deepcopy(model).to(dtype), reference, windows)
+            c = _pytorch(key, "float", key.split()[1], model, prompt, dtype, "float", "pytorch", new_tokens, windows, reference)
         elif key.endswith("dequantize"):
             m = copy.deepcopy(own[key.replace(" dequantize", "")])
             kernel_path.set_engine(m, "dequantize")
-            c = _pytorch(key, method, key.split()[1], m, prompt, torch.float32, "int8", "pytorch-dequantize", short)
+            c = _pytorch(key, method, key.split()[1], m, prompt, torch.float32, "int8", "pytorch-dequantize", short,
+                         windows, reference)
         elif key.startswith("llama.cpp"):
             f16 = f16 or gguf_file.export_f16_gguf()
             kind = key.split()[1]
@@ -224,8 +228,8 @@ def run(model_name: str | None = None, rounds: int = ROUNDS, new_tokens: int = N
             c = _llamacpp(key, method, path, prompt_text, "course", new_tokens)
             c.kl = _kl_gguf(path, reference, windows)
         else:
-            c = _pytorch(key, method, key.split()[1], own[key], prompt, torch.bfloat16, "int8", "pytorch", new_tokens)
-            c.kl = _kl_torch(own[key], reference, windows)
+            c = _pytorch(key, method, key.split()[1], own[key], prompt, torch.bfloat16, "int8", "pytorch", new_tokens,
+                         windows, reference)
         candidates.append(c)
         progress(f"ready: {key}")
     measures = {"bandwidth": lambda: timing.measure_bandwidth(repeat=5).gbps, **{c.name: c.measure for c in candidates}}

@@ -6,20 +6,23 @@ masks rebuilt at each step. For a 135M-parameter model on a CPU that overhead is
 weights take to stream, so it hides the effect of quantization. :class:`Decoder` runs the same
 computation with little else: a static KV cache allocated once, the rotary tables computed once, each layer
 a handful of tensor operations, and each Linear resolved once to the function that multiplies by it (a
-float matmul, or for a quantized layer the kernel :mod:`course_utils.quant.kernel_path` picks). It reads
-the model's own modules and weights, so a model quantized in place decodes through it unchanged.
+float matmul, or for a quantized layer the kernel :mod:`course_utils.quant.kernel_path` picks). It takes its
+weights from the model when it is built (float weights stacked and cast into copies, quantized codes
+repacked for their kernel), so any model the course quantized in place decodes through it; a change to the
+model afterwards needs a new Decoder, and the copies take memory while it lives.
 
 Supported: decoder-only models laid out like Llama (``model.layers[i].self_attn.{q,k,v,o}_proj``,
 ``mlp.{gate,up,down}_proj``, RMSNorm, rotary embeddings, grouped-query attention, optional q/k/v bias):
 Llama, Mistral, Qwen2, SmolLM. Others are refused with the reason; ``timing.decode_tokens_per_second``
-times any model through transformers. Logits equal transformers' within float rounding
-(``tests/test_decode.py``).
+times any model through transformers. In float32, logits equal transformers' within float rounding
+(``tests/test_decode.py``); in bf16, or on the int4 kernel, they differ by bf16 rounding.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -61,8 +64,8 @@ def _is_course_quantized(module: nn.Module) -> bool:
 def _concatenated_bias(modules: list[nn.Module], dtype: torch.dtype) -> torch.Tensor | None:
     if all(m.bias is None for m in modules):
         return None
-    return torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
-                      for m in modules]).to(dtype)
+    return torch.cat([m.bias.detach().to(dtype) if m.bias is not None else torch.zeros(m.out_features, dtype=dtype)
+                      for m in modules])
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,8 @@ def linear_function(modules: list[nn.Module], dtype: torch.dtype) -> Matmul:
     else:
         name = type(first).__name__
     nbytes = sum(_stored_bytes(m) for m in modules)
+    if name == "dequantize":  # the float weight it rebuilds: written once, read once by the matmul
+        nbytes += 2 * n_weights * torch.finfo(dtype).bits // 8
     if len(modules) == 1:
         return Matmul(lambda x: first(x), name, nbytes, n_weights)
     return Matmul(lambda x: torch.cat([m(x) for m in modules], dim=-1), name, nbytes, n_weights)
@@ -215,12 +220,15 @@ class Decoder:
         """Stored bits per weight of the decoder layers' Linear weights (scales included; the head apart)."""
         return 8 * sum(m.nbytes for m in self.matmuls) / sum(m.n_weights for m in self.matmuls)
 
-    def bytes_per_token(self) -> int:
-        """Bytes one decode step must read: every layer's weights as stored for its matmul, the output
-        projection, the norms and one embedding row (the KV cache, a few hundred kB here, left out)."""
-        norms = sum(layer.ln1.numel() * 2 * layer.ln1.element_size() for layer in self.layers) + self.norm.numel()
+    def bytes_per_token(self, context_tokens: int = 0) -> int:
+        """Bytes one decode step must read at least: every layer's weights as stored for its matmul (for a layer
+        that dequantizes, also its float weight, written and read back), the output projection, the norms, one
+        embedding row and the keys and values of ``context_tokens`` earlier tokens."""
+        norms = sum((layer.ln1.numel() + layer.ln2.numel()) * layer.ln1.element_size() for layer in self.layers)
+        norms += self.norm.numel() * self.norm.element_size()
         row = self.embed.shape[1] * self.embed.element_size()
-        return sum(m.nbytes for m in self.matmuls) + self.head.nbytes + norms + row
+        kv = 2 * len(self.layers) * self.kv_heads * self.head_dim * self.embed.element_size() * context_tokens
+        return sum(m.nbytes for m in self.matmuls) + self.head.nbytes + norms + row + kv
 
     def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Rotate ``x: (heads, tokens, head_dim)`` by the angles of positions ``start...``."""
@@ -235,6 +243,8 @@ class Decoder:
 
         A prompt is one call with ``start=0``; each decode step is a call with one token."""
         n = ids.shape[0]
+        if n > 1 and start > 0:
+            raise ValueError("several tokens at once only from position 0 (a prompt); decode one token per call")
         if start + n > self.max_tokens:
             raise ValueError(f"{start + n} tokens exceed the cache of {self.max_tokens}; make a Decoder with a "
                              f"larger max_tokens")
@@ -298,22 +308,24 @@ def _without_native_stderr():
 
 
 WEIGHT_OPS = ("_weight_int4pack_mm", "_weight_int8pack_mm", "aten::mv", "aten::addmv", "aten::mm", "aten::addmm",
-              "aten::bmm", "aten::linear", "aten::matmul", "aten::dot")
-ATTENTION_OPS = ("scaled_dot_product", "flash_attention", "_softmax")
+              "aten::linear")
+ATTENTION_OPS = ("scaled_dot_product",)
 
 
 def profile_step(decoder: Decoder, prompt_ids: torch.Tensor, steps: int = 16) -> dict[str, float]:
     """Where a decode step's time goes, in ms per step, from ``torch.profiler`` on the CPU.
 
-    ``"weight matmuls"``: the operators that multiply by a weight (the kernels and float matrix products),
-    i.e. the weight reads; ``"attention"``; ``"other operators"`` (norms, rotary embedding, copies into the
-    cache, activations); ``"between operators"``: the rest of the wall time, spent in Python and in the
-    dispatcher before each operator starts (the profiler adds some of its own). ``"total"``: wall time per step.
-    Self times are summed, so nested operators are not counted twice. CPU time only: on a GPU the kernels run
-    asynchronously and this split does not apply."""
+    Each operator the loop calls is counted with everything it runs inside (its CPU total):
+    ``"weight matmuls"``, the operators that multiply by a weight (the kernels and float matrix products:
+    reading the weights, and for int4 also unpacking them); ``"attention"``; ``"other operators"`` (norms,
+    rotary embedding, copies into the cache, activations, indexing); ``"between operators"``: the rest of the
+    wall time, spent in Python before each operator starts, and in the profiler itself. ``"total"``: the
+    profiled step; ``"unprofiled"``: the same step timed without the profiler, to show what it adds.
+    CPU time only: on a GPU the kernels run asynchronously and this split does not apply."""
     from torch.profiler import ProfilerActivity, profile
 
     decoder.greedy(prompt_ids, 2)
+    unprofiled_ms = statistics.median(decoder.greedy(prompt_ids, steps + 1)[2]) * 1e3
     with torch.inference_mode(), _without_native_stderr():  # the profiler's own start/stop log lines
         token = decoder.forward(prompt_ids.to(decoder.device), 0)[-1].argmax()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -322,17 +334,38 @@ def profile_step(decoder: Decoder, prompt_ids: torch.Tensor, steps: int = 16) ->
                 token = decoder.forward(token.view(1), decoder.length)[-1].argmax()
             wall_ms = (time.perf_counter() - start) * 1e3 / steps
     split = {"weight matmuls": 0.0, "attention": 0.0, "other operators": 0.0}
-    for event in prof.key_averages():
-        ms = event.self_cpu_time_total / 1e3 / steps
-        if any(name in event.key for name in WEIGHT_OPS):
+    for event in prof.events():
+        if event.cpu_parent is not None:
+            continue
+        ms = event.cpu_time_total / 1e3 / steps
+        if any(name in event.name for name in WEIGHT_OPS):
             split["weight matmuls"] += ms
-        elif any(name in event.key for name in ATTENTION_OPS):
+        elif any(name in event.name for name in ATTENTION_OPS):
             split["attention"] += ms
         else:
             split["other operators"] += ms
     split["between operators"] = max(0.0, wall_ms - sum(split.values()))
     split["total"] = wall_ms
+    split["unprofiled"] = unprofiled_ms
     return split
+
+
+class DecoderLogits:
+    """A :class:`Decoder` that answers like a transformers model, ``model(input_ids=ids).logits``, so that
+    :func:`course_utils.evaluate.compare` scores exactly the computation that is timed (its dtype, kernels and
+    output projection). Each row is evaluated from an empty cache, as a prompt."""
+
+    def __init__(self, decoder: Decoder):
+        self.decoder = decoder
+
+    def __call__(self, input_ids: torch.Tensor, **_):
+        import types
+
+        rows = [self.decoder.forward(row.to(self.decoder.device), 0).float() for row in torch.as_tensor(input_ids)]
+        return types.SimpleNamespace(logits=torch.stack(rows))
+
+    def parameters(self):
+        yield self.decoder.embed
 
 
 def fastest_decoder(model: nn.Module, max_tokens: int = 512) -> Decoder | None:

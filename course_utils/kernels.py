@@ -34,7 +34,12 @@ from course_utils import memory
 FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
 FLOAT_FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-_CUDA_INT4_INNER_K_TILES = 8
+_CUDA_INT4_INNER_K_TILES = (8, 4, 2)  # tinygemm's tile choices: in_features must be a multiple of 16 x tiles
+
+
+def cuda_inner_k_tiles(in_features: int) -> int | None:
+    """The largest tile count of the CUDA int4 kernel that divides ``in_features`` (e.g. 4 for 576), or None."""
+    return next((t for t in _CUDA_INT4_INNER_K_TILES if in_features % (16 * t) == 0), None)
 
 
 def _device_type(device: Any) -> str:
@@ -215,7 +220,7 @@ def _pack(weight: torch.Tensor, fmt: str, group_size: int, act_dtype: torch.dtyp
             f"choose a divisor of {in_features} (e.g. 32 or 64)"
         )
     rows_multiple = 8 if _device_type(device) == "cuda" else 16
-    cols_multiple = 16 * _CUDA_INT4_INNER_K_TILES if _device_type(device) == "cuda" else 2
+    cols_multiple = 16 * min(_CUDA_INT4_INNER_K_TILES) if _device_type(device) == "cuda" else 2
     if out_features % rows_multiple or in_features % cols_multiple:
         raise ValueError(
             f"the int4 kernel on {device} needs out_features a multiple of {rows_multiple} and "
@@ -231,13 +236,15 @@ def _pack(weight: torch.Tensor, fmt: str, group_size: int, act_dtype: torch.dtyp
     return int4_packed(codes, scales_and_zeros, group_size, **common)
 
 
-def int4_packed(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, **common: Any) -> PackedWeight:
+def int4_packed(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, keep_codes: bool = True,
+                **common: Any) -> PackedWeight:
     """A :class:`PackedWeight` for the int4 kernel from ``codes`` (out, in) int32 0..15 and ``scales_and_zeros``
     (in // group_size, out, 2) in the activation dtype; the weight is ``(code - 8) * scale + zero``.
-    ``common``: the other fields (``out_features``, ``in_features``, ``act_dtype``, ``device``)."""
+    ``keep_codes``: keep a uint8 copy of the codes (a byte per weight) so that :meth:`PackedWeight.dequantize`
+    works. ``common``: the other fields (``out_features``, ``in_features``, ``act_dtype``, ``device``)."""
     if _device_type(common["device"]) == "cuda":
         nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
-        packed = torch._convert_weight_to_int4pack(nibbles, _CUDA_INT4_INNER_K_TILES)
+        packed = torch._convert_weight_to_int4pack(nibbles, cuda_inner_k_tiles(codes.shape[1]))
         kernel = "torch._weight_int4pack_mm"
     else:
         packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
@@ -247,7 +254,7 @@ def int4_packed(codes: torch.Tensor, scales_and_zeros: torch.Tensor, group_size:
         tensors={"weight": packed, "scales_and_zeros": scales_and_zeros},
         group_size=group_size,
         kernel=kernel,
-        codes=codes.to(torch.uint8),
+        codes=codes.to(torch.uint8) if keep_codes else None,
         **common,
     )
 

@@ -67,6 +67,26 @@ def test_a_quantized_model_decodes_through_its_kernels(tiny_llama, logits_of):
         assert 0 < _rel(fast.forward(ids, 0), ref) < 0.05
 
 
+def test_a_prompt_after_the_first_is_refused_and_logits_score_like_a_model(tiny_llama, logits_of):
+    model = tiny_llama()
+    d = decode.Decoder(model, max_tokens=32)
+    with torch.inference_mode():
+        d.forward(_ids(4), 0)
+        with pytest.raises(ValueError, match="only from position 0"):
+            d.forward(_ids(3), 4)
+        scored = decode.DecoderLogits(d)(input_ids=_ids(12)[None]).logits
+    assert _rel(scored, logits_of(model, _ids(12)[None])) < 1e-5
+
+
+def test_bytes_per_token_count_weights_head_norms_and_the_kv_cache(tiny_llama):
+    model = tiny_llama(tied=True)
+    d = decode.Decoder(model, max_tokens=32)
+    weights = sum(p.numel() for n, p in model.named_parameters() if "proj" in n) * 4
+    head, norms, row = 256 * 64 * 4, (2 * 2 + 1) * 64 * 4, 64 * 4
+    assert d.bytes_per_token() == weights + head + norms + row
+    assert d.bytes_per_token(10) - d.bytes_per_token() == 2 * 2 * 2 * 16 * 4 * 10  # k and v, layers, kv heads, head dim
+
+
 def test_speed_reports_each_step(tiny_llama):
     d = decode.Decoder(tiny_llama(), max_tokens=32)
     speed = d.speed(_ids(8), new_tokens=5, warmup_tokens=1)
@@ -83,6 +103,6 @@ def test_the_profile_splits_a_step_into_parts_that_add_up(tiny_llama):
     d = decode.Decoder(tiny_llama(), max_tokens=64)
     split = decode.profile_step(d, _ids(8), steps=4)
     parts = ("weight matmuls", "attention", "other operators", "between operators")
-    assert set(split) == {*parts, "total"}
+    assert set(split) == {*parts, "total", "unprofiled"}
     assert all(split[p] >= 0 for p in parts) and split["weight matmuls"] > 0 and split["attention"] > 0
     assert sum(split[p] for p in parts) == pytest.approx(split["total"], rel=0.05)

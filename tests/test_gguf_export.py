@@ -44,6 +44,13 @@ def test_blocks_from_codes_decode_to_scale_times_code_bit_for_bit(fmt, low, high
         gguf_blocks.from_codes(codes, d + np.float32(1e-5), fmt)
 
 
+def test_a_model_with_biases_is_refused_before_anything_is_read(tiny_llama, tmp_path):
+    model = tiny_llama(bias=True)
+    linear.quantize_model(model, linear.RTNConfig(4, 32))
+    with pytest.raises(ValueError, match="biases"):
+        gguf_export.export_gguf(model, tmp_path / "x.gguf", metadata_from=tmp_path / "missing.gguf")
+
+
 def test_llama_rows_interleave_the_two_halves_of_each_head():
     assert gguf_export.llama_rows(8, 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
@@ -69,15 +76,11 @@ def test_an_own_int4_model_exports_to_exactly_its_weights_and_llama_cpp_runs_it(
     theirs = llamacpp.quantize_gguf(f16, tmp_path / "model.Q4_0.gguf", "Q4_0")
     assert path.stat().st_size == theirs.stat().st_size  # same types tensor by tensor: Q4_0, Q8_0 embedding, F32
     assert gguf_file.gguf_summary(path).tensor_types == gguf_file.gguf_summary(theirs).tensor_types
-    modules, names = dict(own.named_modules()), gguf_export._gguf_names(own, "llama")
     checked = 0
     for tensor in gguf_file.read(path).tensors:
         if tensor.tensor_type != gguf.GGMLQuantizationType.Q4_0:
             continue
-        hf = names[tensor.name]
-        weight = modules[hf].dequantized_weight()
-        rows = gguf_export._row_order(hf, weight.shape[0], own.config)
-        expected = (weight if rows is None else weight[rows]).numpy()
+        expected = gguf_export.course_weight(own, tensor.name).numpy()
         np.testing.assert_array_equal(gguf.quants.dequantize(tensor.data, tensor.tensor_type), expected, err_msg=tensor.name)
         checked += 1
     assert checked == 7 * own.config.num_hidden_layers

@@ -4,17 +4,23 @@ llama.cpp's Q4_0 block is 32 weights of one row, a float16 scale ``d`` and 4-bit
 ``d * (q - 8)``. That is the course's symmetric int4 quantizer with groups of 32 and float16 scales
 (codes -7..7, or -8..7 with ``full_grid=True``). Q8_0 is the same with int8 codes. So a layer quantized
 by the course's RTN, GPTQ or AWQ on such a grid can be written as Q4_0 or Q8_0 blocks that decode to
-the very weights the course computed (no second rounding): GPTQ's or AWQ's quality at llama.cpp's speed.
-Other grids have no exact GGUF type and are refused with the types that would fit (:func:`gguf_type`):
-groups of 64 do not fit 32-weight blocks; Q4_1's minimum is a float16, which the course's integer zero
-point times its scale is not in general.
+the very weights the course computed (no second rounding), and llama.cpp runs them at its own speed. The
+weights are exact; the outputs are not quite PyTorch's, since llama.cpp's Q4_0 and Q8_0 dot products round
+each block of 32 activations to 8 bits first. Other grids have no exact GGUF type and are refused with the
+types that would fit (:func:`gguf_type`): groups of 64 do not fit 32-weight blocks; Q4_1's minimum is a
+float16, which the course's integer zero point times its scale is not in general (the rounding would be
+small, under 1 % of a step, but the file would no longer hold the course's weights exactly).
 
 The file takes its metadata (architecture, tokenizer) from a GGUF of the same model (by default the
 course's F16 export) and every tensor from the model itself: the quantized layers as blocks; norms, which
 AWQ may have rescaled, as F32; the token embedding (tied to the output in small models) as Q8_0 rounded
-by llama.cpp's own rule (:mod:`course_utils.quant.gguf_blocks`), the type llama.cpp's Q4_0 gives it, so
-that the two files are comparable. The query and key rows are put in llama.cpp's order (its rotary
-embedding pairs dimensions ``2i, 2i+1`` where transformers pairs ``i, i + d/2``).
+by llama.cpp's own rule (:mod:`course_utils.quant.gguf_blocks`). That is what llama.cpp's Q4_0 gives this
+model's tied embedding (it asks for Q6_K, which falls back to Q8_0 because 576 is not a multiple of 256), so
+the two files are comparable; for a width that is a multiple of 256 llama.cpp's file would hold Q6_K there.
+For the ``llama`` architecture the query and key rows are put in llama.cpp's order (its rotary embedding
+pairs dimensions ``2i, 2i+1`` where transformers pairs ``i, i + d/2``); architectures whose GGUF keeps
+transformers' pairing (qwen2: NEOX rope) keep the rows as they are. Models with Linear biases are refused
+(their bias tensors are not written here).
 """
 
 from __future__ import annotations
@@ -57,7 +63,12 @@ def llama_rows(out_features: int, heads: int) -> torch.Tensor:
     return torch.arange(out_features).view(heads, 2, half).transpose(1, 2).reshape(-1)
 
 
-def _row_order(hf_name: str, out_features: int, config) -> torch.Tensor | None:
+ROTATED_ARCHS = ("llama",)  # GGUF architectures whose converter reorders the q and k rows (normal, not NEOX, rope)
+
+
+def _row_order(hf_name: str, out_features: int, config, arch: str = "llama") -> torch.Tensor | None:
+    if arch not in ROTATED_ARCHS:
+        return None
     if hf_name.endswith("self_attn.q_proj"):
         return llama_rows(out_features, config.num_attention_heads)
     if hf_name.endswith("self_attn.k_proj"):
@@ -79,13 +90,13 @@ def _gguf_names(model: nn.Module, arch: str) -> dict[str, str]:
     return names
 
 
-def _tensor(module: nn.Module, hf_name: str, config) -> tuple[np.ndarray, object]:
+def _tensor(module: nn.Module, hf_name: str, config, arch: str) -> tuple[np.ndarray, object]:
     """What to store for one GGUF tensor: (array, gguf type or None for a plain float array)."""
     gguf = gguf_file._import_gguf()
     if hasattr(module, "codes"):
         fmt = gguf_type(module)
         codes, scales = module.codes(), module.scales.float()
-        rows = _row_order(hf_name, codes.shape[0], config)
+        rows = _row_order(hf_name, codes.shape[0], config, arch)
         if rows is not None:
             codes, scales = codes[rows], scales[rows]
         raw = gguf_blocks.from_codes(codes.numpy(), scales.numpy(), fmt)
@@ -93,9 +104,19 @@ def _tensor(module: nn.Module, hf_name: str, config) -> tuple[np.ndarray, object
     weight = module.weight.detach().float().cpu()
     if weight.ndim == 1:
         return weight.numpy(), None
-    rows = _row_order(hf_name, weight.shape[0], config)
+    rows = _row_order(hf_name, weight.shape[0], config, arch)
     values = (weight if rows is None else weight[rows]).numpy()
     return gguf_blocks.quantize(values, "Q8_0", hf_name), gguf.GGMLQuantizationType.Q8_0
+
+
+def course_weight(model: nn.Module, gguf_name: str, arch: str = "llama") -> torch.Tensor:
+    """The float32 weight (rows, columns) the course's layer behind GGUF tensor ``gguf_name`` computes with, in
+    the file's row order: what an exported file must decode to, bit for bit, for a quantized layer."""
+    hf_name = _gguf_names(model, arch)[gguf_name]
+    module = dict(model.named_modules())[hf_name]
+    weight = module.dequantized_weight() if hasattr(module, "codes") else module.weight.detach().float()
+    rows = _row_order(hf_name, weight.shape[0], model.config, arch)
+    return weight if rows is None else weight[rows]
 
 
 def export_gguf(model: nn.Module, dst: str | Path, metadata_from: str | Path | None = None) -> Path:
@@ -106,12 +127,17 @@ def export_gguf(model: nn.Module, dst: str | Path, metadata_from: str | Path | N
     ``metadata_from``: a GGUF of the same model (default: the course model's F16 export); its tensor list
     must match the model's. Returns ``dst``.
     """
+    with_bias = [n for n, m in model.named_modules() if getattr(m, "bias", None) is not None and ".layers." in n]
+    if with_bias:
+        raise ValueError(f"the model's Linear layers have biases ({with_bias[0]}, ...): this exporter writes weights "
+                         f"only; export such a model with llama.cpp's converter")
     gguf = gguf_file._import_gguf()
     src = Path(metadata_from) if metadata_from is not None else gguf_file.export_f16_gguf()
     reader = gguf_file.read(src)
     arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
     names = _gguf_names(model, arch)
     modules = dict(model.named_modules())
+
     missing = [t.name for t in reader.tensors if t.name not in names]
     if missing:
         raise ValueError(f"{src.name} has tensors the model lacks ({missing[:3]}...): not the same model")
@@ -120,7 +146,7 @@ def export_gguf(model: nn.Module, dst: str | Path, metadata_from: str | Path | N
                  frozenset({"Q8_0"}): gguf.LlamaFileType.MOSTLY_Q8_0}.get(frozenset(types))
 
     def convert(name: str, _values: np.ndarray):
-        return _tensor(modules[names[name]], names[name], model.config)
+        return _tensor(modules[names[name]], names[name], model.config, arch)
 
     with torch.no_grad():
         return gguf_file.rewrite(src, Path(dst), convert, file_type=None if file_type is None else int(file_type))

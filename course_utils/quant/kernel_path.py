@@ -7,18 +7,21 @@ two ways:
   dequantizes in registers (:mod:`course_utils.kernels`: torch's int4 kernel for groups of input columns,
   its int8 kernel for one scale per output row). The bytes streamed per call are the quantized ones, so a
   decode step gets faster. These kernels run in bfloat16: the activations and the scales are rounded to
-  bfloat16 (8 bits of precision; the course's scales are float16, 11 bits), so the result differs from the
-  dequantized float32 matmul by about what casting a float model to bfloat16 changes (tested in
-  ``tests/test_kernel_path.py``);
+  bfloat16 (8 bits of precision; the course's scales are float16, 11 bits), and so is the output; a zero
+  point z becomes the bf16 offset (8 - z) * scale. A scale's rounding is shared by its whole group, so the
+  kernel computes with a slightly different quantized weight than the one GPTQ or AWQ optimised. The result
+  differs from the dequantized float32 matmul by about what casting a float model to bfloat16 changes
+  (tested in ``tests/test_kernel_path.py``);
 - **dequantize**: rebuild the float weight from the codes at every call and multiply in the layer's float
   dtype. Exact to the course's weights, but each call writes and reads a full float weight: it saves memory,
   not time.
 
 Which one a layer uses is its ``engine``: ``"auto"`` (the default) runs the kernel for inputs of at most
-:data:`KERNEL_MAX_ROWS` rows (decoding: one row per sequence, bound by bytes) and dequantizes for longer
-ones (a prompt or an evaluation batch: a matrix product bound by arithmetic, where dequantizing once per call
-costs little and float32 keeps the course's reference numbers); ``"kernel"`` always uses the kernel where
-one fits; ``"dequantize"`` never does. Where no kernel fits (3 bits, int8 in groups, a group size that does
+:data:`KERNEL_MAX_ROWS` rows (decoding: one row per sequence) and dequantizes for longer ones (a prompt or an
+evaluation batch), so that the perplexities and KL divergences the lessons measure keep the course's float32
+reference numbers (it is not the faster choice for every length: dequantizing costs about as much as ten int4
+decode steps); ``"kernel"`` always uses the kernel where one fits; ``"dequantize"`` never does.
+:class:`course_utils.decode.Decoder` packs its own copies and runs the kernel for the prompt too. Where no kernel fits (3 bits, int8 in groups, a group size that does
 not divide the kernel's tiles, a device without the operator), the layer dequantizes and the reason is said
 once per reason (:class:`KernelFallbackWarning`) and counted by :func:`summary`.
 
@@ -83,7 +86,7 @@ def choose(layer: nn.Module, device: Any = "cpu") -> Choice:
 
 def _int4_shape_problem(out_features: int, in_features: int, device: Any) -> str:
     cuda = torch.device(device).type == "cuda"
-    rows, cols = (8, 128) if cuda else (16, 2)
+    rows, cols = (8, 32) if cuda else (16, 2)
     if out_features % rows or in_features % cols:
         return (f"the int4 kernel needs out_features a multiple of {rows} and in_features of {cols}; "
                 f"this layer is {out_features} x {in_features}")
@@ -129,7 +132,8 @@ def pack(layers: nn.Module | list[nn.Module], device: Any = "cpu") -> kernels.Pa
                                  "scales": scales[:, 0].to(KERNEL_DTYPE).contiguous()},
             kernel="torch._weight_int8pack_mm", **common)
     scales_and_zeros = torch.stack([scales.T, zeros.T], dim=-1).to(KERNEL_DTYPE).contiguous()  # (groups, out, 2)
-    return kernels.int4_packed(codes.to(torch.int32).contiguous(), scales_and_zeros, first.group_size, **common)
+    return kernels.int4_packed(codes.to(torch.int32).contiguous(), scales_and_zeros, first.group_size, keep_codes=False,
+                               **common)
 
 
 _SAID: set[str] = set()
@@ -145,12 +149,14 @@ def _say_once(reason: str) -> None:
 def kernel_for(layer: nn.Module, rows: int, device: Any) -> kernels.PackedWeight | None:
     """The packed weight ``layer`` multiplies ``rows`` input rows with on ``device``, or ``None`` to dequantize.
 
-    Packs on first use per device and keeps the result on the layer (``layer._kernel``); it is not a buffer,
-    so it is not saved with the model and a ``.to()`` only makes it repack."""
+    Packs on first use and keeps the result on the layer (``layer._kernel``), keyed on the device and on the
+    versions of the codes and scales, so an in-place change repacks; it is not a buffer, so it is not saved
+    with the model, and ``QuantLinear`` drops it when moved or copied. It adds the kernel's copy of the weight
+    (packed codes, a bf16 scale and zero per group) to the layer's own."""
     engine = getattr(layer, "engine", "auto")
     if engine == "dequantize" or (engine == "auto" and rows > KERNEL_MAX_ROWS):
         return None
-    key = str(torch.device(device))
+    key = (str(torch.device(device)), layer.packed._version, layer.scales._version)
     cached = getattr(layer, "_kernel", None)
     if cached is None or cached[0] != key:
         choice = choose(layer, device)
@@ -179,14 +185,15 @@ def set_engine(model: nn.Module, engine: str) -> None:
 
 
 def summary(model: nn.Module, device: Any = None) -> dict[str, Any]:
-    """How many quantized layers of ``model`` get each kernel on ``device`` (default: where they are), and the
-    reasons of the ones that dequantize: ``{"int4": 210, "dequantize": 0, "reasons": {reason: count}}``."""
+    """How many quantized layers of ``model`` run each kernel on ``device`` (default: where they are) at a
+    decode step, and the reasons of the ones that dequantize (no kernel fits, or ``engine="dequantize"``):
+    ``{"int4": 210, "int8": 0, "dequantize": 0, "reasons": {reason: count}}``."""
     counts: Counter = Counter()
     reasons: Counter = Counter()
     for module in model.modules():
         if hasattr(module, "engine") and hasattr(module, "codes"):
             where = device if device is not None else module.packed.device
-            choice = choose(module, where)
+            choice = Choice("dequantize", "set to dequantize") if module.engine == "dequantize" else choose(module, where)
             counts[choice.kernel] += 1
             if choice.reason:
                 reasons[choice.reason] += 1

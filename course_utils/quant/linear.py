@@ -101,6 +101,21 @@ class QuantLinear(QuantizedLayer):
             return kernel_path.run(packed, x, self.bias)
         return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.bfloat16()``... move the scales but keep them float16 (a cast to bf16 would
+        round the stored weights), and drop the kernel's packed copy (it repacks on the next call)."""
+        scales = self.scales
+        super()._apply(fn, recurse)
+        self.scales = scales.to(self.packed.device)
+        self.__dict__.pop("_kernel", None)
+        return self
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_kernel", None)  # copies repack on their first call instead of sharing these tensors
+        return state
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric}"
 

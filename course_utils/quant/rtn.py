@@ -10,9 +10,11 @@ Each group gets a scale (and, asymmetric, a zero point) and each weight becomes 
   ``z = round(-clip * min w / scale)``, ``q = clamp(round(w / scale) + z, 0, 2**b - 1)``, ``w ~ (q - z) * scale``.
 
 The symmetric grid leaves one of the 2**b codes unused (-8 for 4 bits: 15 levels). ``full_grid=True``
-uses it as llama.cpp's Q4_0 and Q8_0 do: ``scale = -clip * m / 2**(b-1)`` with ``m`` the group's value of
-largest magnitude, sign kept, so that ``m`` lands on code ``-2**(b-1)`` exactly and the codes span
-``[-2**(b-1), 2**(b-1) - 1]``; the scale is negative when ``m`` is positive.
+uses it by llama.cpp's Q4_0 rule: ``scale = -clip * m / 2**(b-1)`` with ``m`` the group's value of largest
+magnitude, sign kept, so that ``m`` lands on code ``-2**(b-1)`` exactly and the codes span
+``[-2**(b-1), 2**(b-1) - 1]``; the scale is negative when ``m`` is positive. (llama.cpp's Q8_0 does not: it
+uses ``max|w| / 127``.) The codes are not bit for bit llama.cpp's: it rounds halves up and multiplies by the
+reciprocal of the scale, this module rounds halves to even and divides, so a few ties differ.
 """
 
 from __future__ import annotations
