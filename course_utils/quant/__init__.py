@@ -7,6 +7,7 @@
 caches the slow ones (``store``: safetensors keyed on the code that made them). Their parts: ``rtn``
 (round-to-nearest of one tensor), ``packing`` (codes of 1-8 bits into bytes), ``activations`` (input
 statistics of Linear layers), ``layerwise`` (the layer-by-layer loop GPTQ and AWQ share), ``awq_layout``
-(where AWQ's scales go in a Llama layer), ``salient`` (the AWQ paper's salient-channel experiments).
+(where AWQ's scales go in a Llama layer), ``salient`` (the AWQ paper's salient-channel experiments),
+``kernel_path`` (which matmul a quantized layer runs: a real int4/int8 kernel on its codes, or dequantize).
 Formats: ``gptq_layout`` and ``gptq_format`` (GPTQ checkpoints), ``gguf_blocks`` (llama.cpp's blocks).
 """
