@@ -71,13 +71,20 @@ def _concatenated_bias(modules: list[nn.Module], dtype: torch.dtype) -> torch.Te
 @dataclass(frozen=True)
 class Matmul:
     """How a Decoder multiplies by one or more Linear layers: ``fn`` maps ``(rows, in)`` to their outputs side by
-    side; ``name`` (``"fp32"``, ``"int4"``, ``"dequantize"``...); ``nbytes``: what one call reads from memory
-    (the stored weights and scales); ``n_weights``: how many weights they hold."""
+    side; ``name`` (``"fp32"``, ``"int4"``, ``"dequantize"``...); ``nbytes``: what one call reads and writes in
+    memory at least (the stored weights and scales; for a layer that dequantizes, also the float weight it
+    rebuilds, written and read back); ``n_weights``: how many weights they hold; ``stored_nbytes``: the bytes
+    they are stored in (``nbytes`` when 0)."""
 
     fn: LinearFn
     name: str
     nbytes: int
     n_weights: int
+    stored_nbytes: int = 0
+
+    @property
+    def stored(self) -> int:
+        return self.stored_nbytes or self.nbytes
 
 
 def _stored_bytes(module: nn.Module) -> int:
@@ -117,12 +124,11 @@ def linear_function(modules: list[nn.Module], dtype: torch.dtype) -> Matmul:
         name = "dequantize"
     else:
         name = type(first).__name__
-    nbytes = sum(_stored_bytes(m) for m in modules)
-    if name == "dequantize":  # the float weight it rebuilds: written once, read once by the matmul
-        nbytes += 2 * n_weights * torch.finfo(dtype).bits // 8
+    stored = sum(_stored_bytes(m) for m in modules)
+    nbytes = stored + (2 * n_weights * torch.finfo(dtype).bits // 8 if name == "dequantize" else 0)  # write + read
     if len(modules) == 1:
-        return Matmul(lambda x: first(x), name, nbytes, n_weights)
-    return Matmul(lambda x: torch.cat([m(x) for m in modules], dim=-1), name, nbytes, n_weights)
+        return Matmul(lambda x: first(x), name, nbytes, n_weights, stored)
+    return Matmul(lambda x: torch.cat([m(x) for m in modules], dim=-1), name, nbytes, n_weights, stored)
 
 
 def _float_matmul(weight: torch.Tensor, bias: torch.Tensor | None) -> LinearFn:
@@ -218,7 +224,7 @@ class Decoder:
 
     def linear_bits_per_weight(self) -> float:
         """Stored bits per weight of the decoder layers' Linear weights (scales included; the head apart)."""
-        return 8 * sum(m.nbytes for m in self.matmuls) / sum(m.n_weights for m in self.matmuls)
+        return 8 * sum(m.stored for m in self.matmuls) / sum(m.n_weights for m in self.matmuls)
 
     def bytes_per_token(self, context_tokens: int = 0) -> int:
         """Bytes one decode step must read at least: every layer's weights as stored for its matmul (for a layer

@@ -87,6 +87,16 @@ def test_bytes_per_token_count_weights_head_norms_and_the_kv_cache(tiny_llama):
     assert d.bytes_per_token(10) - d.bytes_per_token() == 2 * 2 * 2 * 16 * 4 * 10  # k and v, layers, kv heads, head dim
 
 
+def test_a_dequantizing_layer_reads_its_float_weight_but_stores_its_codes(tiny_llama):
+    model = tiny_llama()
+    linear.quantize_model(model, linear.RTNConfig(4, 32))
+    kernel_path.set_engine(model, "dequantize")
+    d = decode.Decoder(model, max_tokens=16)
+    assert d.linear_bits_per_weight() == pytest.approx(4 + 16 / 32)  # packed codes and a float16 scale per group
+    weights = sum(m.n_weights for m in d.matmuls)
+    assert sum(m.nbytes for m in d.matmuls) == pytest.approx(weights * (4.5 / 8 + 2 * 4))
+
+
 def test_speed_reports_each_step(tiny_llama):
     d = decode.Decoder(tiny_llama(), max_tokens=32)
     speed = d.speed(_ids(8), new_tokens=5, warmup_tokens=1)
