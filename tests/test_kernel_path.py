@@ -107,3 +107,22 @@ def test_model_logits_on_the_kernel_path_stay_within_bf16_rounding(tiny_llama, l
 def test_set_engine_refuses_unknown_names(tiny_llama):
     with pytest.raises(ValueError, match="engine must be one of"):
         kernel_path.set_engine(tiny_llama(), "fast")
+
+
+def test_an_act_order_gptq_layer_runs_on_the_kernel_without_a_permutation():
+    """The course's act-order keeps static groups (g_idx = column // group_size): the layer's groups are contiguous,
+    so the kernel takes its codes as they are and computes the weight GPTQ chose."""
+    from course_utils.quant import gptq
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=gen) * 0.05
+    x = torch.randn(256, 128, generator=gen) * torch.linspace(0.1, 3, 128)
+    result = gptq.gptq_quantize_weight(w, x.T @ x / 256, 4, 32, act_order=True)
+    assert torch.equal(result.g_idx, torch.arange(128) // 32)
+    layer = linear.QuantLinear(result.quantized, None)
+    assert kernel_path.choose(layer).kernel == "int4"
+    row = _x()
+    layer.engine = "kernel"
+    fast = layer(row)
+    exact = row @ result.dequantize().T
+    assert float((fast - exact).norm() / exact.norm()) < 1e-2
