@@ -375,7 +375,9 @@ class DecoderLogits:
 
 
 def fastest_decoder(model: nn.Module, max_tokens: int = 512) -> Decoder | None:
-    """The :class:`Decoder` the course runs ``model`` with, or ``None`` for a model it does not support.
+    """The :class:`Decoder` the course runs ``model`` with, or ``None`` for a model it does not support or whose
+    projections are not all float ``nn.Linear`` or course ``QuantLinear`` layers (bitsandbytes', GPTQModel's,
+    the course's LLM.int8 and NF4 layers: timed through transformers, as their libraries run them).
 
     In bf16 activations when the model holds course quantized layers that a kernel fits (the kernels' fast
     path), else in the model's dtype; the output projection as it is."""
@@ -383,6 +385,10 @@ def fastest_decoder(model: nn.Module, max_tokens: int = 512) -> Decoder | None:
         check_supported(model)
     except ValueError:
         return None
+    projections = [m for layer in model.model.layers for m in (*layer.self_attn.children(), *layer.mlp.children())
+                   if hasattr(m, "weight") or _is_course_quantized(m) or hasattr(m, "in_features")]
+    if any(type(m) is not nn.Linear and not _is_course_quantized(m) for m in projections):
+        return None  # another library's layers (or the course's LLM.int8/NF4 ones) run as that library runs them
     with_kernel = [m for m in model.modules() if _is_course_quantized(m) and m.engine != "dequantize"
                    and kernel_path.choose(m, m.packed.device).kernel != "dequantize"]
     return Decoder(model, dtype=kernel_path.KERNEL_DTYPE if with_kernel else None, max_tokens=max_tokens)

@@ -116,3 +116,15 @@ def test_the_profile_splits_a_step_into_parts_that_add_up(tiny_llama):
     assert set(split) == {*parts, "total", "unprofiled"}
     assert all(split[p] >= 0 for p in parts) and split["weight matmuls"] > 0 and split["attention"] > 0
     assert sum(split[p] for p in parts) == pytest.approx(split["total"], rel=0.05)
+
+
+def test_the_fastest_decoder_leaves_other_libraries_layers_to_transformers(tiny_llama):
+    from course_utils.quant import llm_int8
+
+    model = tiny_llama()
+    assert decode.fastest_decoder(model).dtype == torch.float32
+    linear.quantize_model(model, linear.RTNConfig(4, 32))
+    assert decode.fastest_decoder(model).dtype == torch.bfloat16  # the kernels' dtype
+    other = tiny_llama()
+    llm_int8.quantize_model(other, llm_int8.Int8Config())
+    assert decode.fastest_decoder(other) is None
