@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from course_utils import kernels, timing
+from course_utils import kernels, models, timing
 from course_utils.quant import kernel_path
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -87,11 +87,6 @@ class Matmul:
         return self.stored_nbytes or self.nbytes
 
 
-def _stored_bytes(module: nn.Module) -> int:
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def linear_function(modules: list[nn.Module], dtype: torch.dtype) -> Matmul:
     """One :class:`Matmul` computing the outputs of ``modules`` (Linear layers reading the same input, such as
     a layer's q, k and v projections), concatenated, for an input ``(rows, in)`` in ``dtype``.
@@ -124,7 +119,7 @@ def linear_function(modules: list[nn.Module], dtype: torch.dtype) -> Matmul:
         name = "dequantize"
     else:
         name = type(first).__name__
-    stored = sum(_stored_bytes(m) for m in modules)
+    stored = sum(models.model_bytes(m) for m in modules)
     nbytes = stored + (2 * n_weights * torch.finfo(dtype).bits // 8 if name == "dequantize" else 0)  # write + read
     if len(modules) == 1:
         return Matmul(lambda x: first(x), name, nbytes, n_weights, stored)
