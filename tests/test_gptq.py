@@ -457,3 +457,23 @@ def test_the_full_grid_uses_code_minus_8_and_beats_the_balanced_grid():
     assert full.loss < balanced.loss
     with pytest.raises(ValueError, match="zero-point grid already uses"):
         gptq.gptq_quantize_weight(W, h, 4, 32, symmetric=False, full_grid=True)
+
+
+@pytest.mark.parametrize("symmetric,act_order", [(True, False), (False, True)])
+def test_weights_sharing_a_hessian_get_what_each_gets_alone(symmetric, act_order):
+    # q/k/v (and gate/up) read the same inputs: one loop over their stacked rows must give each weight
+    # the codes, scales, zero points and loss it gets on its own
+    h = hessian_of(correlated_inputs(512, 64, spread=1.0))
+    gen = torch.Generator().manual_seed(7)
+    weights = [torch.randn(n, 64, generator=gen) for n in (16, 8, 8)]
+    shared = gptq.gptq_quantize_weights(weights, h, 4, 16, symmetric, act_order, block_size=32)
+    for w, together in zip(weights, shared):
+        alone = gptq.gptq_quantize_weight(w, h, 4, 16, symmetric, act_order, block_size=32)
+        assert torch.equal(together.quantized.codes, alone.quantized.codes)
+        assert torch.equal(together.quantized.scales, alone.quantized.scales)
+        assert (together.quantized.zeros is None) == symmetric
+        if not symmetric:
+            assert torch.equal(together.quantized.zeros, alone.quantized.zeros)
+        assert together.loss == pytest.approx(alone.loss, rel=1e-5)
+    with pytest.raises(ValueError, match="same in_features"):
+        gptq.gptq_quantize_weights([weights[0], weights[1][:, :32]], h, 4, 16)

@@ -20,6 +20,9 @@ What to know on a CPU-only machine (measured with GPTQModel 7.7.0, transformers 
 - Its first quantization compiles a small C++ packing extension, and the first load of a 4-bit
   checkpoint compiles the CPU int4 kernel (about two minutes on 2 cores), both cached in
   ``~/.cache/gptqmodel``.
+- Its plain-PyTorch layer (``TorchLinear``, backend "gptq_torch") wraps its dequantization in
+  ``torch.compile``; on 2 cores and 210 layers of four shapes that recompiles until dynamo's limit and
+  prints warnings, so :func:`load_quantized` runs those layers eagerly.
 - transformers keeps ``dtype`` as asked: with float32 activations the GPTQ layers dequantize their
   weight and multiply in float32 (like the course's own QuantLinear); with bfloat16 activations on a
   CPU with AVX512-BF16 they run GPTQModel's fused int4 kernel (``TorchCpuAvx512Linear``).
@@ -217,7 +220,7 @@ def load_quantized(path: str | Path, device: str | None = None, dtype: torch.dty
     transformers reads ``quantization_config`` from config.json and lets optimum replace each Linear by
     a GPTQModel layer (see :func:`kernels`). ``backend``: "auto" lets GPTQModel pick the fastest kernel for
     the device (on a CPU with AVX512-BF16, ``TorchCpuAvx512Linear``, compiled on the first load, about
-    two minutes); "gptq_torch" is GPTQModel's plain-PyTorch layer (no compilation). With ``dtype``
+    two minutes); "gptq_torch" is GPTQModel's plain-PyTorch layer (run eagerly here, see the module docstring). With ``dtype``
     float32 (the default) the layers dequantize their weight and multiply in float32; with bfloat16 the
     AVX512 kernel runs its fused int4 matmul. ``tokenizer`` is None when the folder holds none.
     """
@@ -246,9 +249,24 @@ def load_quantized(path: str | Path, device: str | None = None, dtype: torch.dty
         tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map={"": device}, use_safetensors=True, **kwargs)
     model.eval()
+    _uncompiled(model)
     if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _uncompiled(model: torch.nn.Module) -> int:
+    """Undo the ``torch.compile`` that GPTQModel's plain-PyTorch layer (``TorchLinear``) wraps around its
+    own ``dequantize_weight`` when it is built, so every layer dequantizes eagerly. Compiled, each of
+    the model's layer shapes is a new graph: on this model dynamo reaches its recompile limit (128) and
+    prints pages of warnings, and the compilation costs more time than it saves on short runs. Returns
+    how many layers were changed."""
+    changed = 0
+    for module in model.modules():
+        if type(module).__module__.startswith("gptqmodel.nn_modules.qlinear") and "dequantize_weight" in vars(module):
+            del module.dequantize_weight  # the instance's compiled wrapper; the class's method remains
+            changed += 1
+    return changed
 
 
 def kernels(model: torch.nn.Module) -> dict[str, int]:

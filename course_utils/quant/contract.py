@@ -75,7 +75,10 @@ def check_finite(tensor: torch.Tensor, name: str) -> None:
     """``ValueError`` naming ``name`` and the index of its first NaN or infinite value, if any.
 
     Every quantizer calls this on the weights (and activations) it rounds: a NaN would otherwise become a
-    NaN scale, or an arbitrary code, with no error anywhere."""
+    NaN scale, or an arbitrary code, with no error anywhere. (A NaN or infinity makes the sum non-finite,
+    and a sum is many times faster than ``isfinite`` on a large tensor; only a non-finite sum is searched.)"""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.detach().sum())):
+        return
     bad = ~torch.isfinite(tensor.detach())
     if bool(bad.any()):
         first = tuple(int(i) for i in torch.nonzero(bad)[0].tolist())

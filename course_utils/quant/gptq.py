@@ -46,7 +46,8 @@ float16: the error feedback then works with exactly the weights the quantized mo
 :func:`quantize_model` runs this on every Linear of a decoder-only model, layer by layer: the
 inputs of each decoder layer come from the already quantized layers before it, and inside a layer
 (*true sequential*) each group of Linears reading the same input (q/k/v, then o, then gate/up, then
-down) is quantized before the next group's inputs are recorded. The layer-by-layer plumbing (capturing a
+down) is quantized before the next group's inputs are recorded. The Linears of a group share one Hessian, so
+:func:`gptq_quantize_weights` factorises it once and runs one column loop over their rows stacked. The layer-by-layer plumbing (capturing a
 layer's inputs, running it, recording a Linear's inputs) lives in :mod:`course_utils.quant.layerwise`.
 """
 
@@ -138,15 +139,6 @@ def _grid(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
     return _float16_scales(q.scales), None if q.zeros is None else q.zeros.float()
 
 
-def _round_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
-                  full_grid: bool = False) -> torch.Tensor:
-    """Codes (out,) float of one column ``w`` on the grid ``scale`` / ``zero``, as in :func:`rtn.quantize`."""
-    low, high = rtn.code_range(bits, zero is None, full_grid)
-    if zero is None:
-        return torch.round(w / scale).clamp(low, high)
-    return (torch.round(w / scale) + zero).clamp(low, high)
-
-
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` (float64) and the ``damp`` used.
 
@@ -184,32 +176,49 @@ def _column_loop(
     order: list[int], g: int, bits: int, act_order: bool, symmetric: bool, block_size: int, full_grid: bool = False,
 ) -> None:
     """Steps 4-6 of the module docstring, in place: fill ``codes`` (and, without act-order, ``scales`` and
-    ``zeros``) column by column in ``order``, spreading each error through ``U``; ``W`` is consumed."""
+    ``zeros``) column by column in ``order``, spreading each error through ``U``; ``W`` is consumed.
+
+    Written for speed on a CPU: the block is held transposed (a column of ``W`` is a contiguous row), codes
+    stay in float until the block ends, and each error update is one ``addr_``. Each tensor operation costs
+    microseconds, and a strided column costs several times a contiguous one."""
     cols = W.shape[1]
+    low, high = rtn.code_range(bits, symmetric, full_grid)
+    S = scales.T.contiguous()  # (n_groups, out): a group's scales are a contiguous row
+    Z = None if zeros is None else zeros.T.contiguous()
     for b0 in range(0, cols, block_size):  # 5. lazy batches
         b1 = min(b0 + block_size, cols)
-        W1 = W[:, b0:b1].clone()  # working copy of the block, updated column by column
-        E1 = torch.zeros_like(W1)  # scaled errors of the block's columns
+        T = W[:, b0:b1].T.contiguous()  # the block, transposed: T[i] is column b0 + i, updated column by column
+        E = torch.zeros_like(T)  # scaled errors of the block's columns (transposed)
+        Q = torch.zeros_like(T)  # the block's codes, in float until the block ends (transposed)
         U1 = U[b0:b1, b0:b1]
+        diag = U1.diagonal().tolist()
         for i in range(b1 - b0):
             col = order[b0 + i]
             group = col // g
             if not act_order and col % g == 0:  # 6. a new group: its grid from the current weights
                 # inside this block, or (a group wider than the block starts with it) fully updated in W
-                current = W1[:, i : i + g] if i + g <= b1 - b0 else W[:, b0 : b0 + g]
+                current = T[i : i + g].T if i + g <= b1 - b0 else W[:, b0 : b0 + g]
                 s, z = _grid(current, bits, g, symmetric, full_grid)
-                scales[:, group] = s[:, 0]
-                if zeros is not None:
-                    zeros[:, group] = z[:, 0]
-            s, z = scales[:, group], None if zeros is None else zeros[:, group]
-            # 4. round the column, then spread its error over the columns to its right
-            q = _round_column(W1[:, i], s, z, bits, full_grid)
-            codes[:, col] = q.to(torch.int16)
-            w_hat = q * s if z is None else (q - z) * s
-            err = (W1[:, i] - w_hat) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            E1[:, i] = err
-        W[:, b1:] -= E1 @ U[b0:b1, b1:]
+                S[group] = s[:, 0]
+                if Z is not None:
+                    Z[group] = z[:, 0]
+            s, w, q, err = S[group], T[i], Q[i], E[i]
+            # 4. round the column (as rtn.quantize does), then spread its error over the columns to its right
+            torch.div(w, s, out=q).round_()
+            if Z is None:
+                q.clamp_(low, high)
+                torch.mul(q, s, out=err)
+            else:
+                z = Z[group]
+                q.add_(z).clamp_(low, high)
+                torch.mul(q - z, s, out=err)
+            torch.sub(w, err, out=err).div_(diag[i])
+            T[i:].addr_(U1[i, i:], err, alpha=-1)
+        codes[:, order[b0:b1]] = Q.T.to(torch.int16)
+        W[:, b1:] -= E.T @ U[b0:b1, b1:]
+    scales.copy_(S.T)
+    if zeros is not None:
+        zeros.copy_(Z.T)
 
 
 def gptq_quantize_weight(
@@ -231,30 +240,65 @@ def gptq_quantize_weight(
     ``damp``: dampening relative to ``mean(diag H)``. ``block_size``: columns per lazy batch.
     ``full_grid``: symmetric codes on all 2**bits levels (``-2**(b-1)..2**(b-1)-1``, see :mod:`rtn`).
     """
+    return gptq_quantize_weights([weight], hessian, bits, group_size, symmetric, act_order, damp, block_size, full_grid)[0]
+
+
+def gptq_quantize_weights(
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor,
+    bits: int = 4,
+    group_size: int | str = 64,
+    symmetric: bool = True,
+    act_order: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+    full_grid: bool = False,
+) -> list[GPTQResult]:
+    """:func:`gptq_quantize_weight` for several weights (out_i, in) that read the same inputs, so share one
+    Hessian (q/k/v; gate/up): one factorisation and one column loop over their rows stacked, since every
+    row is its own problem with the same ``H``. Each result equals what that weight gets alone."""
     rtn.check_bits(bits)
     rtn.check_grid(symmetric, full_grid)
-    if weight.dim() != 2:
-        raise ValueError(f"expected a 2-D weight (out_features, in_features), got shape {tuple(weight.shape)}")
-    out, cols = weight.shape
+    for weight in weights:
+        if weight.dim() != 2:
+            raise ValueError(f"expected a 2-D weight (out_features, in_features), got shape {tuple(weight.shape)}")
+        check_finite(weight, "the weight")
+    cols = weights[0].shape[1]
+    if any(w.shape[1] != cols for w in weights):
+        raise ValueError(f"weights that share a Hessian must have the same in_features, got {[tuple(w.shape) for w in weights]}")
     g = check_group_size(group_size, cols, "GPTQ")
     if tuple(hessian.shape) != (cols, cols):
         raise ValueError(f"the Hessian must be (in, in) = ({cols}, {cols}) for this weight, got {tuple(hessian.shape)}")
-    check_finite(weight, "the weight")
     check_finite(hessian, "the Hessian")
     if not damp >= 0:
         raise ValueError(f"damp must be >= 0 (a fraction of mean(diag H), 0.01 is usual), got {damp!r}")
     block_size = aligned_block_size(block_size, g)
-    with hardware.one_cpu_thread(weight.device):  # thousands of small operations: see its docstring
-        return _gptq(weight, hessian, bits, g, symmetric, act_order, damp, block_size, full_grid)
+    stacked = torch.cat([w.detach().float() for w in weights])
+    result, row_losses = _gptq(stacked, hessian, bits, g, symmetric, act_order, damp, block_size, full_grid)
+    return _split_rows(result, row_losses, [w.shape[0] for w in weights])
+
+
+def _split_rows(result: GPTQResult, row_losses: torch.Tensor, rows: list[int]) -> list[GPTQResult]:
+    """One :class:`GPTQResult` per block of ``rows`` of a stacked result (``row_losses``: (out,) each
+    row's share of the loss)."""
+    q, parts, start = result.quantized, [], 0
+    for n in rows:
+        take = slice(start, start + n)
+        part = rtn.QuantizedTensor(q.codes[take].contiguous(), q.scales[take].contiguous(),
+                                   None if q.zeros is None else q.zeros[take].contiguous(), q.bits, q.group_size, q.symmetric)
+        parts.append(GPTQResult(part, result.g_idx, result.perm, result.damp, float(row_losses[take].sum()), result.dead))
+        start += n
+    return parts
 
 
 def _gptq(
     weight: torch.Tensor, hessian: torch.Tensor, bits: int, g: int, symmetric: bool, act_order: bool,
     damp: float, block_size: int, full_grid: bool = False,
-) -> GPTQResult:
-    """The body of :func:`gptq_quantize_weight`, after its checks (``g``: resolved group size)."""
+) -> tuple[GPTQResult, torch.Tensor]:
+    """The body of :func:`gptq_quantize_weights`, after its checks (``g``: resolved group size), on the
+    stacked float32 ``weight``; also returns each row's share of the loss, (out,)."""
     out, cols = weight.shape
-    W = weight.detach().float().clone()
+    W = weight.clone()
     H = hessian.detach().to(W.device, torch.float64).clone()
 
     # 1. dead input features: never active in the calibration data
@@ -263,7 +307,7 @@ def _gptq(
         warnings.warn(
             f"{int(dead.sum())} input feature(s) are 0 on every calibration token; their weights are set "
             "to 0 (more or other calibration text may activate them)",
-            stacklevel=3,
+            stacklevel=4,
         )
         H[dead, dead] = 1.0
         W[:, dead] = 0.0
@@ -277,21 +321,22 @@ def _gptq(
         scales, zeros = _grid(W, bits, g, symmetric, full_grid)
         W, H = W[:, perm], H[perm][:, perm]
 
-    # 2.-3. dampening and the Cholesky factor of the inverse Hessian
+    # 2.-3. dampening and the Cholesky factor of the inverse Hessian (a few large operations: all threads)
     U, damp_used = inverse_hessian_factor(H, damp)
     U = U.float()
 
     codes = torch.zeros(out, cols, dtype=torch.int16, device=W.device)
     order = perm.tolist()  # order[p]: the original column quantized at position p
-    _column_loop(W, U, codes, scales, zeros, order, g, bits, act_order, symmetric, block_size, full_grid)
+    with hardware.one_cpu_thread(W.device):  # thousands of small operations: see its docstring
+        _column_loop(W, U, codes, scales, zeros, order, g, bits, act_order, symmetric, block_size, full_grid)
 
     quantized = rtn.QuantizedTensor(
         codes, scales.contiguous(), None if zeros is None else zeros.to(torch.int16).contiguous(), bits, g, symmetric
     )
-    delta = weight.detach().float() - quantized.dequantize()
-    loss = 0.5 * float(((delta @ hessian.to(delta.device, torch.float32)) * delta).sum())
+    delta = weight - quantized.dequantize()
+    row_losses = 0.5 * ((delta @ hessian.to(delta.device, torch.float32)) * delta).sum(dim=1)
     g_idx = torch.arange(cols, device=W.device) // g
-    return GPTQResult(quantized, g_idx, perm, damp_used, loss, int(dead.sum()))
+    return GPTQResult(quantized, g_idx, perm, damp_used, float(row_losses.sum()), int(dead.sum())), row_losses
 
 
 # ------------------------------------------------------------------------------ a whole model
@@ -380,12 +425,12 @@ def quantize_model(
         for stage in stages:
             results = {}
             for group, stats in zip(stage, _hessians(layer, [modules[group[0]] for group in stage], inputs)):
-                for name in group:
-                    linear = modules[name]
-                    result = gptq_quantize_weight(
-                        linear.weight, stats.hessian, config.bits, config.group_size, config.symmetric,
-                        config.act_order, config.damp, config.block_size, config.full_grid,
-                    )
+                linears = [modules[name] for name in group]
+                shared = gptq_quantize_weights(
+                    [linear.weight for linear in linears], stats.hessian, config.bits, config.group_size,
+                    config.symmetric, config.act_order, config.damp, config.block_size, config.full_grid,
+                )
+                for name, linear, result in zip(group, linears, shared):
                     results[linear] = result
                     full = f"{where}.{name}"
                     losses[full], damps[full] = result.loss, result.damp
