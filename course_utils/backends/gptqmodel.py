@@ -259,8 +259,8 @@ def _uncompiled(model: torch.nn.Module) -> int:
     """Undo the ``torch.compile`` that GPTQModel's plain-PyTorch layer (``TorchLinear``) wraps around its
     own ``dequantize_weight`` when it is built, so every layer dequantizes eagerly. Compiled, each of
     the model's layer shapes is a new graph: on this model dynamo reaches its recompile limit (128) and
-    prints pages of warnings, and the compilation costs more time than it saves on short runs. Returns
-    how many layers were changed."""
+    prints pages of warnings; measured here, two perplexity passes took 10 s and 40 s compiled against 5 s
+    each eager (default model, 4 windows). Returns how many layers were changed."""
     changed = 0
     for module in model.modules():
         if type(module).__module__.startswith("gptqmodel.nn_modules.qlinear") and "dequantize_weight" in vars(module):
