@@ -41,7 +41,6 @@ layout, which this module refuses rather than mis-writes).
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +48,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from course_utils.quant import checkpoint_folder
 from course_utils.quant.contract import set_module
 from course_utils.quant.gptq_layout import CHECKPOINT_FORMATS, GPTQTensors, check_bits, check_format, pack_layer, quant_linear_names
 from course_utils.quant.linear import QuantLinear
@@ -112,51 +112,17 @@ def save_gptq_checkpoint(
     ``model.safetensors``, ``config.json`` (with ``quantization_config``), ``quantize_config.json``,
     ``generation_config.json`` and the tokenizer; returns ``out_dir``.
     """
-    from safetensors.torch import save_file
-
     packed = pack_model(model, g_idx, checkpoint_format)
-    layers = dict(model.named_modules())
-    # one group per row (per-channel scales) is group_size -1 in the format, whatever each layer's width
-    settings = {(layers[n].bits, -1 if layers[n].group_size == layers[n].in_features else layers[n].group_size,
-                 bool(layers[n].symmetric)) for n in packed}
-    if len(settings) != 1:
-        raise ValueError(f"all QuantLinear layers must share bits, group_size and symmetry, found {sorted(settings)}")
-    (bits, group_size, sym), = settings
+    bits, group_size, sym = checkpoint_folder.common_grid(quant_linear_names(model))
     qconfig = quantization_config(bits, group_size, sym, desc_act, checkpoint_format,
                                   lm_head=any(n == "lm_head" or n.endswith(".lm_head") for n in packed), meta=meta)
 
     tensors: dict[str, torch.Tensor] = {}
     for name, t in packed.items():
         tensors.update(t.tensors(name))
-    seen: dict[int, str] = {}
-    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
-        module_name = name.rpartition(".")[0]
-        if module_name in packed:
-            continue  # the QuantLinear's own buffers (packed codes, scales, zeros, bias) are written above
-        if getattr(layers.get(module_name), "_non_persistent_buffers_set", None) and name.rpartition(".")[2] in layers[module_name]._non_persistent_buffers_set:
-            continue  # e.g. rotary inv_freq: recomputed on load, not part of a checkpoint
-        key = t.untyped_storage().data_ptr()
-        if key in seen:  # tied weights (lm_head = embed_tokens): written once, under the first name
-            continue
-        seen[key] = name
-        value = t.detach()
-        if dtype is not None and value.is_floating_point():
-            value = value.to(dtype)
-        tensors[name] = value.contiguous().cpu()
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    cfg = copy.deepcopy(model.config)
-    cfg.quantization_config = qconfig
-    if dtype is not None:
-        cfg.dtype = dtype
-    cfg.save_pretrained(out_dir)
+    tensors.update(checkpoint_folder.float_tensors(model, skip=set(packed), dtype=dtype))
+    out_dir = checkpoint_folder.write(model, tokenizer, out_dir, tensors, qconfig, dtype)
     (out_dir / QUANTIZE_CONFIG_FILE).write_text(json.dumps(qconfig, indent=2) + "\n")
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
     return out_dir
 
 

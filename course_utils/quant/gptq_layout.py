@@ -212,6 +212,19 @@ def quant_linear_names(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if _is_quant_linear(m)}
 
 
+def unsigned_codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A QuantLinear-like layer's codes (out, in) and zero points (out, n_groups) as unsigned int64
+    (0..2**bits-1), the form packed formats store: symmetric codes shifted by ``2**(bits-1)``, with that
+    as their zero point; asymmetric codes and zero points as they are. ``w = (q - z) * scale`` either way."""
+    codes = layer.codes().to(torch.int64)  # (out, in): signed if symmetric
+    n_groups, mid = layer.scales.shape[1], 2 ** (layer.bits - 1)
+    if layer.symmetric:
+        return codes + mid, torch.full((layer.out_features, n_groups), mid, dtype=torch.int64)
+    if getattr(layer, "zeros", None) is None:
+        raise ValueError("an asymmetric layer needs zero points (layer.zeros)")
+    return codes, layer.zeros.to(torch.int64)
+
+
 def pack_layer(layer: nn.Module, g_idx: torch.Tensor | None = None, checkpoint_format: str = "gptq") -> GPTQTensors:
     """A course ``QuantLinear`` (codes(), scales (out, n_groups), zeros, bits, group_size, symmetric) in GPTQ layout.
 
@@ -222,17 +235,9 @@ def pack_layer(layer: nn.Module, g_idx: torch.Tensor | None = None, checkpoint_f
         raise ValueError(f"expected a QuantLinear-like layer (codes(), scales, zeros, bits, group_size, symmetric), got {type(layer).__name__}")
     bits, out_f, in_f = layer.bits, layer.out_features, layer.in_features
     check_bits(bits)
-    codes = layer.codes().to(torch.int64)  # (out, in): signed if symmetric
     scales = layer.scales  # (out, n_groups)
     n_groups = scales.shape[1]
-    mid = 2 ** (bits - 1)
-    if layer.symmetric:
-        q = codes + mid
-        zeros = torch.full((out_f, n_groups), mid, dtype=torch.int64)
-    else:
-        if getattr(layer, "zeros", None) is None:
-            raise ValueError("an asymmetric layer needs zero points (layer.zeros)")
-        q, zeros = codes, layer.zeros.to(torch.int64)
+    q, zeros = unsigned_codes(layer)
     if g_idx is None:
         if in_f % layer.group_size or in_f // layer.group_size != n_groups:
             raise ValueError(f"group_size {layer.group_size} and {n_groups} scale groups do not tile in_features={in_f}")
