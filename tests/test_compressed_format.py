@@ -32,7 +32,8 @@ def _reload(folder):
     RTNConfig(bits=4, group_size=32, full_grid=True),
     RTNConfig(bits=4, group_size=32, symmetric=False),
     RTNConfig(bits=8, group_size="channel"),
-], ids=["int4 g32 sym", "int4 g32 full grid", "int4 g32 asym", "int8 per channel"])
+    RTNConfig(bits=4, group_size="channel", symmetric=False),
+], ids=["int4 g32 sym", "int4 g32 full grid", "int4 g32 asym", "int8 per channel", "int4 per channel asym"])
 def test_compressed_tensors_reads_back_exactly_the_course_weights(tmp_path, tiny_llama, logits_of, config):
     model = tiny_llama(tied=True, bias=True)
     if not config.symmetric:  # zero points at both ends of the grid (all weights >= 0, all <= 0)
@@ -45,6 +46,15 @@ def test_compressed_tensors_reads_back_exactly_the_course_weights(tmp_path, tiny
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
     assert qc["ignore"] == ["lm_head"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = {k.rpartition(".")[2]: f.get_tensor(k) for k in f.keys() if k.startswith("model.layers.0.mlp.up_proj.")}
+    expected = {"weight_packed", "weight_scale", "weight_shape"} | (set() if config.symmetric else {"weight_zero_point"})
+    assert set(keys) == expected
+    assert keys["weight_packed"].dtype == torch.int32 and keys["weight_packed"].shape == (128, 64 * config.bits // 32)
+    assert keys["weight_shape"].dtype == torch.int64 and keys["weight_shape"].tolist() == [128, 64]
+    assert keys["weight_scale"].dtype == torch.float32
     reloaded = _reload(out)
     ours = quant_linear_names(model)
     theirs = dict(reloaded.named_modules())
@@ -54,7 +64,9 @@ def test_compressed_tensors_reads_back_exactly_the_course_weights(tmp_path, tiny
     assert torch.allclose(logits_of(model), logits_of(reloaded), atol=1e-5, rtol=1e-5)
 
 
-def test_gptq_act_order_exports_with_static_groups(tmp_path, tiny_llama, tiny_calibration):
+def test_a_gptq_act_order_result_exports_like_any_other(tmp_path, tiny_llama, tiny_calibration):
+    # the course's act-order uses static groups (a column's group is column // group_size), so QuantLinear
+    # holds contiguous groups and the checkpoint needs no g_idx; GPTQ's own scales (not RTN's) go through
     model = tiny_llama(tied=True)
     gptq.quantize_model(model, gptq.GPTQConfig(bits=4, group_size=32, act_order=True), tiny_calibration, progress=False)
     out = cf.save_compressed_checkpoint(model, None, tmp_path / "ckpt")
@@ -71,6 +83,10 @@ def test_refusals(tmp_path, tiny_llama):
     layer = model.model.layers[0].mlp.down_proj
     with pytest.raises(ValueError, match="bfloat16"):
         cf.pack_layer(layer, torch.bfloat16)
+    three = tiny_llama()
+    quantize_model(three, RTNConfig(bits=3, group_size=32))
+    with pytest.raises(ValueError, match="4, 8"):
+        cf.save_compressed_checkpoint(three, None, tmp_path / "c")
     other = tiny_llama()
     quantize_model(other, RTNConfig(bits=8, group_size=32))
     model.model.layers[1].mlp.down_proj = other.model.layers[1].mlp.down_proj

@@ -7,8 +7,9 @@ called ``NAME`` (weight ``(out, in)``, ``b``-bit integer codes) is replaced by:
 - ``NAME.weight_packed``: int32 ``(out, ceil(in * b / 32))``: each row's codes as unsigned numbers
   ``q + 2**(b-1)`` (the signed code ``q`` lies in ``-2**(b-1)..2**(b-1)-1``), packed along the *input*
   dimension as a little-endian bit stream: code ``k`` at bit ``k * b`` (8 codes per word at 4 bits);
-- ``NAME.weight_scale``: ``(out, n_groups)`` in the model's float type (one column per row for
-  per-channel scales);
+- ``NAME.weight_scale``: ``(out, n_groups)`` (one column per row for per-channel scales): float32 for a
+  float32 model, float16 otherwise; both hold the course's float16 scales exactly, but a reader casts them
+  to the dtype it loads the model in (compressed-tensors does), so a bfloat16 load rounds them;
 - ``NAME.weight_zero_point`` (asymmetric grids only): int32 ``(ceil(out * b / 32), n_groups)``: the
   signed zero points, shifted and packed the same way, but along the *output* dimension;
 - ``NAME.weight_shape``: int64 ``(2,)``, ``[out, in]``;
@@ -18,7 +19,9 @@ The weight is ``w = (q - zero_point) * scale``, per group of ``group_size`` inpu
 codes map onto it exactly: a symmetric code is already signed (zero point 0); an asymmetric code ``c`` in
 ``0..2**b-1`` with zero point ``z`` becomes ``q = c - 2**(b-1)`` and ``zero_point = z - 2**(b-1)``, so the
 unsigned values packed are ``c`` and ``z`` themselves (:func:`gptq_layout.unsigned_codes` gives them for
-both grids). Both the ±7 and the full -8..7 symmetric grids fit.
+both grids). Both the ±7 and the full -8..7 symmetric grids fit. Only 4 and 8 bits are written: the widths vLLM's
+integer weight-only kernels serve (compressed-tensors packs other widths too, and its 3-bit layout changed
+between versions).
 
 ``config.json`` carries ``quantization_config`` with ``quant_method`` "compressed-tensors", ``format``
 "pack-quantized", one config group targeting every ``Linear`` (``num_bits``, ``type`` "int",
@@ -39,10 +42,10 @@ import torch
 from torch import nn
 
 from course_utils.quant import checkpoint_folder
-from course_utils.quant.gptq_layout import SUPPORTED_BITS, pack_along_first_dim, quant_linear_names, unsigned_codes
+from course_utils.quant.gptq_layout import pack_along_first_dim, quant_linear_names, unsigned_codes
 
 FORMAT = "pack-quantized"
-PACKABLE_BITS = SUPPORTED_BITS  # what the course's packer writes; vLLM's int kernels serve 4 and 8 bits
+PACKABLE_BITS = (4, 8)  # the widths vLLM's integer weight-only kernels serve
 
 
 def quantization_config(bits: int, group_size: int, symmetric: bool, ignore: list[str]) -> dict:
@@ -53,7 +56,7 @@ def quantization_config(bits: int, group_size: int, symmetric: bool, ignore: lis
     weights = {
         "num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False, "actorder": None,
         "strategy": "channel" if group_size == -1 else "group", "group_size": None if group_size == -1 else group_size,
-        "observer": "minmax", "observer_kwargs": {}, "block_structure": None,
+        "observer": None, "observer_kwargs": {}, "block_structure": None,  # no observer: the course chose the grid
     }
     return {
         "quant_method": "compressed-tensors",

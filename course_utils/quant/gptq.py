@@ -256,7 +256,8 @@ def gptq_quantize_weights(
 ) -> list[GPTQResult]:
     """:func:`gptq_quantize_weight` for several weights (out_i, in) that read the same inputs, so share one
     Hessian (q/k/v; gate/up): one factorisation and one column loop over their rows stacked, since every
-    row is its own problem with the same ``H``. Each result equals what that weight gets alone."""
+    row is its own problem with the same ``H``. Each result equals what that weight gets alone (bit for bit on
+the CPU, tested; on a GPU, up to the rounding of differently blocked matrix products)."""
     rtn.check_bits(bits)
     rtn.check_grid(symmetric, full_grid)
     for weight in weights:
