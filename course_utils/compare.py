@@ -20,7 +20,6 @@ a folder (``build/compare`` from the command line).
 from __future__ import annotations
 
 import gc
-import logging
 import time
 import warnings
 from collections.abc import Callable
@@ -206,15 +205,9 @@ def _gptqmodel(bits: int) -> Callable[[Context], Built]:
         problem = lib.available()["gptqmodel"] or lib.available()["optimum"]
         if problem:
             raise BackendUnavailableError(problem)
-        dynamo = logging.getLogger("torch._dynamo")
-        level = dynamo.level
-        dynamo.setLevel(logging.ERROR)  # its torch layer recompiles per shape, noisily
-        try:
-            folder, seconds = lib.quantize(models.model_dir(ctx.model_name), bits=bits, group_size=GROUP, act_order=False,
-                                           sym=True, damp=0.01, calibration=ctx.calibration)
-            m, _ = lib.load_quantized(folder, device=ctx.device, backend="gptq_torch" if ctx.device == "cpu" else "auto")
-        finally:
-            dynamo.setLevel(level)
+        folder, seconds = lib.quantize(models.model_dir(ctx.model_name), bits=bits, group_size=GROUP, act_order=False,
+                                       sym=True, damp=0.01, calibration=ctx.calibration)
+        m, _ = lib.load_quantized(folder, device=ctx.device, backend="gptq_torch" if ctx.device == "cpu" else "auto")
         return Built(m, seconds, folder_bytes(folder), models.model_bytes(m), f"GPTQModel {lib.version()}",
                      "time includes loading and saving")
     return build
@@ -300,27 +293,38 @@ def _measure_torch(ctx: Context, row: Row, m: torch.nn.Module, memory_bytes: int
 def torch_rows(ctx: Context, only: list[str] | None = None, progress: Callable[[str], None] | None = None) -> list[Row]:
     """Measure every PyTorch row (or those whose method is in ``only``). A row whose library cannot run here
     stays in the table with the reason; any other error is a bug and propagates."""
+    from transformers.utils import logging as hf_logging
+
+    rows, verbosity = [], hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # e.g. "loss_type=None ... unrecognized" when a library builds the model class
+    try:
+        for spec in row_specs():
+            if only and spec.method not in only:
+                continue
+            rows.append(_torch_row(ctx, spec))
+            if progress:
+                progress(rows[-1].label)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return rows
+
+
+def _torch_row(ctx: Context, spec: RowSpec) -> Row:
+    """Build and measure one PyTorch row (a "not run" row when its library cannot run here)."""
     from course_utils.backends.common import BackendUnavailableError
 
-    rows = []
-    for spec in row_specs():
-        if only and spec.method not in only:
-            continue
-        row = Row(spec.method, spec.precision, spec.library, library=spec.library, source=spec.source)
-        try:
-            built = spec.build(ctx)
-        except BackendUnavailableError as err:
-            row.note = f"not run: {err}"
-        else:
-            row.implementation, row.note, row.quantize_s, row.disk_bytes = built.implementation, built.note, built.seconds, built.disk_bytes
-            _measure_torch(ctx, row, built.model, built.memory_bytes)
-            if built.model is not ctx.model:
-                del built
-            gc.collect()
-        rows.append(row)
-        if progress:
-            progress(row.label)
-    return rows
+    row = Row(spec.method, spec.precision, spec.library, library=spec.library, source=spec.source)
+    try:
+        built = spec.build(ctx)
+    except BackendUnavailableError as err:
+        row.note = f"not run: {err}"
+    else:
+        row.implementation, row.note, row.quantize_s, row.disk_bytes = built.implementation, built.note, built.seconds, built.disk_bytes
+        _measure_torch(ctx, row, built.model, built.memory_bytes)
+        if built.model is not ctx.model:
+            del built
+        gc.collect()
+    return row
 
 
 def gguf_rows(ctx: Context, types: tuple[str, ...] = GGUF_TYPES) -> list[Row]:
