@@ -9,5 +9,7 @@ caches the slow ones (``store``: safetensors keyed on the code that made them). 
 statistics of Linear layers), ``layerwise`` (the layer-by-layer loop GPTQ and AWQ share), ``awq_layout``
 (where AWQ's scales go in a Llama layer), ``salient`` (the AWQ paper's salient-channel experiments),
 ``kernel_path`` (which matmul a quantized layer runs: a real int4/int8 kernel on its codes, or dequantize).
-Formats: ``gptq_layout`` and ``gptq_format`` (GPTQ checkpoints), ``gguf_blocks`` (llama.cpp's blocks).
+Formats: ``gptq_layout`` and ``gptq_format`` (GPTQ checkpoints), ``compressed_format`` (compressed-tensors'
+"pack-quantized" checkpoints), ``checkpoint_folder`` (the folder around either), ``gguf_blocks`` (llama.cpp's
+blocks).
 """
