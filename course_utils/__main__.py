@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--device", help="cpu, cuda or auto (default: auto)")
     cmp.add_argument("--out", help="output folder (default: build/compare)")
     cmp.add_argument("--only", nargs="*", help="methods to keep, e.g. float RTN GPTQ AWQ GGUF")
+    cmp.add_argument("--library-bits", nargs="*", type=int, default=[4],
+                     help="bits at which GPTQModel and llm-compressor quantize too (default: 4; '4 3' adds 3 bits)")
     bench = sub.add_parser("bench", help="decode tokens/s of float, own int8/int4 and llama.cpp rows into build/bench/")
     bench.add_argument("--rounds", type=int, default=5, help="turns over all rows (default 5)")
     bench.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per measurement (default 128)")
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         from course_utils import compare, compare_report, config
 
         start = time.perf_counter()
-        rows = compare.run(args.model, args.device, args.only)
+        rows = compare.run(args.model, args.device, args.only, library_bits=tuple(args.library_bits))
         files = compare_report.write(rows, args.out or config.repo_root() / "build" / "compare")
         print(compare_report.to_markdown(rows))
         print(f"{len(rows)} rows in {time.perf_counter() - start:.0f} s; written: " + ", ".join(str(p) for p in files.values()))

@@ -1,10 +1,13 @@
 """Every method of the course on this machine and model, measured alike: ``python -m course_utils compare``.
 
 One row per method and precision: the float model; round-to-nearest at 8, 4 and 3 bits; LLM.int8 and NF4
-(the course's own layers and bitsandbytes); GPTQ and AWQ at 4 and 3 bits (from scratch and through
-GPTQModel and llm-compressor); and llama.cpp's GGUF types. Every row is judged on the same evaluation
-windows against the same float reference (perplexity, KL, top-1 agreement), timed with the same prompt, and
-sized in memory and on disk. A row that cannot run here stays in the table with the reason.
+(the course's own layers and bitsandbytes); GPTQ and AWQ at 4 and 3 bits from scratch, and at 4 bits through
+GPTQModel and llm-compressor (``library_bits=(4, 3)`` adds their 3-bit rows); and llama.cpp's GGUF types.
+Every row is judged on the same evaluation windows against the same float reference (perplexity, KL, top-1
+agreement), timed with the same prompt, and sized in memory and on disk. The decoding rows are timed in
+turns (:data:`ROUNDS` rounds, each timing every row once, so a busy moment of a shared machine slows all rows
+alike): a speed is the median of its rounds, with the first and third quartile beside it. A row that cannot
+run here stays in the table with the reason.
 
 Nothing is copied from the lessons: each row calls the module the lesson taught (``quant.methods`` for the
 course's own RTN, LLM.int8, NF4, GPTQ and AWQ, the slow ones cached; the adapters in ``backends``).
@@ -28,11 +31,14 @@ from pathlib import Path
 
 import torch
 
-from course_utils import cache, config, data, decode, evaluate, memory, models
+from course_utils import bench, cache, config, data, decode, evaluate, memory, models, timing
 from course_utils.quant import kernel_path
 
 PROMPT = "Explain in one paragraph why a smaller model file can generate text faster."
 NEW_TOKENS = 16
+ROUNDS = 3
+SLOW_TOKENS_PER_S = 10.0  # a PyTorch row slower than this in a probe generates SLOW_NEW_TOKENS per turn
+SLOW_NEW_TOKENS = 4
 GROUP = 64
 GGUF_TYPES = ("F16", "Q8_0", "Q6_K", "Q4_K_M", "Q4_0", "Q2_K")  # F16: llama.cpp's own baseline for speed
 
@@ -43,9 +49,11 @@ class Row:
     the float model's parameter count (embedding and norms included, as they stay in memory too);
     ``linear_bits``: bits per weight of the decoder layers' Linear weights alone, scales included (what
     the quantization method decides; the embedding is stored differently by each runtime);
-    speeds in tokens/s (prompt: one batched pass over :data:`PROMPT`; generation: :data:`NEW_TOKENS`
-    greedy steps; PyTorch rows through :func:`course_utils.decode.decode_speed`, the course's own int4/int8
-    layers on their kernels); ``quantize_s``: the quantizer's run time when it ran (loading included for the
+    speeds in tokens/s, medians over :data:`ROUNDS` rounds taken in turn with the other rows (prompt: one
+    batched pass over :data:`PROMPT`; generation: :data:`NEW_TOKENS` greedy steps, :data:`SLOW_NEW_TOKENS` for
+    a PyTorch row under :data:`SLOW_TOKENS_PER_S`, ``gen_tps_q1`` and
+    ``gen_tps_q3`` its first and third quartile; PyTorch rows through :func:`course_utils.decode.fastest_decoder`,
+    the course's own int4/int8 layers on their kernels); ``quantize_s``: the quantizer's run time when it ran (loading included for the
     libraries, read from their cache when reused). ``note``: why a row was skipped, or what to know.
     ``library``: what computed the quantized weights ("course_utils", "bitsandbytes", "GPTQModel",
     "llm-compressor", "llama.cpp", "transformers" for the float model); ``source``: "from scratch" (the
@@ -68,6 +76,8 @@ class Row:
     note: str = ""
     library: str = ""
     source: str = ""
+    gen_tps_q1: float | None = None
+    gen_tps_q3: float | None = None
 
     @property
     def label(self) -> str:
@@ -237,8 +247,9 @@ def _version(dist: str) -> str:
     return metadata.version(dist)
 
 
-def row_specs() -> list[RowSpec]:
-    """Every PyTorch row; the GGUF rows come from :func:`gguf_rows`."""
+def row_specs(library_bits: tuple[int, ...] = (4,)) -> list[RowSpec]:
+    """Every PyTorch row (GPTQModel's and llm-compressor's at the ``library_bits`` only: each takes a minute
+    or more to quantize on a CPU); the GGUF rows come from :func:`gguf_rows`."""
     from course_utils.quant import awq, gptq, llm_int8, nf4
     from course_utils.quant.linear import RTNConfig
 
@@ -251,11 +262,11 @@ def row_specs() -> list[RowSpec]:
               RowSpec("NF4", "nf4 blocks of 64", "course_utils", own, _own_layers(nf4.NF4Config("nf4", 64))),
               RowSpec("NF4", "nf4 blocks of 64", "bitsandbytes", "library", _bnb(4))]
     for b in (4, 3):
-        specs += [RowSpec("GPTQ", f"int{b} {g}", "course_utils", own, _ours(gptq.GPTQConfig(bits=b, group_size=GROUP))),
-                  RowSpec("GPTQ", f"int{b} {g}", "GPTQModel", "library", _gptqmodel(b))]
+        specs += [RowSpec("GPTQ", f"int{b} {g}", "course_utils", own, _ours(gptq.GPTQConfig(bits=b, group_size=GROUP)))]
+        specs += [RowSpec("GPTQ", f"int{b} {g}", "GPTQModel", "library", _gptqmodel(b))] if b in library_bits else []
     for b in (4, 3):
-        specs += [RowSpec("AWQ", f"int{b} {g}", "course_utils", own, _ours(awq.AWQConfig(bits=b, group_size=GROUP))),
-                  RowSpec("AWQ", f"int{b} {g}", "llm-compressor", "library", _llmcompressor(b))]
+        specs += [RowSpec("AWQ", f"int{b} {g}", "course_utils", own, _ours(awq.AWQConfig(bits=b, group_size=GROUP)))]
+        specs += [RowSpec("AWQ", f"int{b} {g}", "llm-compressor", "library", _llmcompressor(b))] if b in library_bits else []
     return specs
 
 
@@ -275,11 +286,52 @@ def context(model_name: str | None = None, device: str | None = None) -> Context
                    sum(w.numel() for w in linear), models.model_bytes(model) - linear_bytes)
 
 
-def _measure_torch(ctx: Context, row: Row, m: torch.nn.Module, memory_bytes: int) -> None:
-    c = evaluate.compare(m, ctx.reference, ctx.windows)
+Timer = Callable[[], tuple[float, float]]  # one timed generation: (prompt tokens/s, generation tokens/s)
+
+
+def _timer(ctx: Context, m: torch.nn.Module) -> Timer:
+    """One greedy generation of ``m`` after :data:`PROMPT`, the fastest way the course runs it: through
+    :func:`decode.fastest_decoder` (built once), or through transformers for the libraries' layers.
+
+    A short untimed probe first: a row slower than :data:`SLOW_TOKENS_PER_S` (a layer that rebuilds its
+    float weight at every call, a library's CPU fallback) generates :data:`SLOW_NEW_TOKENS` per turn instead
+    of :data:`NEW_TOKENS`. Its cost per token is fixed, so a few tokens measure it as well, in a fraction of
+    the time."""
+    ids = ctx.tokenizer(PROMPT, return_tensors="pt").input_ids[0]
+    decoder = decode.fastest_decoder(m, max_tokens=ids.shape[0] + NEW_TOKENS + 8)
+
+    def generate(new_tokens: int, warmup: int) -> timing.DecodeSpeed:
+        if decoder is None:
+            return timing.decode_tokens_per_second(m, ctx.tokenizer, PROMPT, new_tokens=new_tokens, warmup_tokens=warmup)
+        return decoder.speed(ids, new_tokens, warmup_tokens=warmup)
+
+    slow = generate(3, 1).decode_tokens_per_s < SLOW_TOKENS_PER_S
+    new_tokens, warmup = (SLOW_NEW_TOKENS, 1) if slow else (NEW_TOKENS, 4)
+
+    def once() -> tuple[float, float]:
+        speed = generate(new_tokens, warmup)
+        return speed.prefill_tokens_per_s, speed.decode_tokens_per_s
+    return once
+
+
+def time_in_turns(timed: list[tuple[Row, Timer]], rounds: int = ROUNDS) -> None:
+    """Time every row ``rounds`` times, taking turns (:func:`course_utils.bench.take_turns`), and set its
+    ``prompt_tps`` and ``gen_tps`` to the medians and ``gen_tps_q1`` / ``gen_tps_q3`` to the quartiles."""
     with warnings.catch_warnings():  # a layer no kernel fits (3 bits) dequantizes: the row's note says so
         warnings.simplefilter("ignore", kernel_path.KernelFallbackWarning)
-        speed = decode.decode_speed(m, ctx.tokenizer, PROMPT, new_tokens=NEW_TOKENS)
+        values = bench.take_turns({str(k): timer for k, (_, timer) in enumerate(timed)}, rounds)
+    for k, (row, _) in enumerate(timed):
+        prompt, gen = zip(*values[str(k)])
+        row.prompt_tps = bench.quartiles(list(prompt))[0]
+        row.gen_tps, row.gen_tps_q1, row.gen_tps_q3 = bench.quartiles(list(gen))
+
+
+def _score_torch(ctx: Context, row: Row, m: torch.nn.Module, memory_bytes: int) -> Timer:
+    """Fill ``row``'s quality and sizes for ``m``; return its timer (``m`` stays alive inside it)."""
+    c = evaluate.compare(m, ctx.reference, ctx.windows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", kernel_path.KernelFallbackWarning)
+        timer = _timer(ctx, m)
     fallback = kernel_path.summary(m)
     if fallback["dequantize"]:
         row.note = "; ".join(filter(None, [row.note, f"no kernel: {next(iter(fallback['reasons']))}"]))
@@ -287,30 +339,32 @@ def _measure_torch(ctx: Context, row: Row, m: torch.nn.Module, memory_bytes: int
     # the rest stays as in the float model
     row.linear_bits = memory.stored_bits_per_weight(memory_bytes - ctx.other_bytes, ctx.linear_params)
     row.ppl, row.ppl_delta_pct, row.kl_mean, row.top1 = c.ppl, c.ppl_delta_pct, c.kl_mean, c.top1
-    row.prompt_tps, row.gen_tps = speed.prefill_tokens_per_s, speed.decode_tokens_per_s
+    return timer
 
 
-def torch_rows(ctx: Context, only: list[str] | None = None, progress: Callable[[str], None] | None = None) -> list[Row]:
-    """Measure every PyTorch row (or those whose method is in ``only``). A row whose library cannot run here
-    stays in the table with the reason; any other error is a bug and propagates."""
+def _torch_candidates(ctx: Context, only: list[str] | None, progress: Callable[[str], None] | None,
+                      library_bits: tuple[int, ...]) -> list[tuple[Row, Timer | None]]:
+    """Build and score every PyTorch row (or those whose method is in ``only``): each with its timer, ``None``
+    for a row whose library cannot run here (it stays in the table with the reason; any other error is a bug
+    and propagates)."""
     from transformers.utils import logging as hf_logging
 
-    rows, verbosity = [], hf_logging.get_verbosity()
+    out, verbosity = [], hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # e.g. "loss_type=None ... unrecognized" when a library builds the model class
     try:
-        for spec in row_specs():
+        for spec in row_specs(library_bits):
             if only and spec.method not in only:
                 continue
-            rows.append(_torch_row(ctx, spec))
+            out.append(_torch_row(ctx, spec))
             if progress:
-                progress(rows[-1].label)
+                progress(out[-1][0].label)
     finally:
         hf_logging.set_verbosity(verbosity)
-    return rows
+    return out
 
 
-def _torch_row(ctx: Context, spec: RowSpec) -> Row:
-    """Build and measure one PyTorch row (a "not run" row when its library cannot run here)."""
+def _torch_row(ctx: Context, spec: RowSpec) -> tuple[Row, Timer | None]:
+    """Build and score one PyTorch row (a "not run" row, without timer, when its library cannot run here)."""
     from course_utils.backends.common import BackendUnavailableError
 
     row = Row(spec.method, spec.precision, spec.library, library=spec.library, source=spec.source)
@@ -318,18 +372,26 @@ def _torch_row(ctx: Context, spec: RowSpec) -> Row:
         built = spec.build(ctx)
     except BackendUnavailableError as err:
         row.note = f"not run: {err}"
-    else:
-        row.implementation, row.note, row.quantize_s, row.disk_bytes = built.implementation, built.note, built.seconds, built.disk_bytes
-        _measure_torch(ctx, row, built.model, built.memory_bytes)
-        if built.model is not ctx.model:
-            del built
-        gc.collect()
-    return row
+        return row, None
+    row.implementation, row.note, row.quantize_s, row.disk_bytes = built.implementation, built.note, built.seconds, built.disk_bytes
+    return row, _score_torch(ctx, row, built.model, built.memory_bytes)
 
 
-def gguf_rows(ctx: Context, types: tuple[str, ...] = GGUF_TYPES) -> list[Row]:
+def _timed(candidates: list[tuple[Row, Timer | None]], rounds: int) -> list[Row]:
+    time_in_turns([(row, timer) for row, timer in candidates if timer is not None], rounds)
+    gc.collect()
+    return [row for row, _ in candidates]
+
+
+def torch_rows(ctx: Context, only: list[str] | None = None, progress: Callable[[str], None] | None = None,
+               library_bits: tuple[int, ...] = (4,), rounds: int = ROUNDS) -> list[Row]:
+    """Measure every PyTorch row (or those whose method is in ``only``), timed in turns with each other."""
+    return _timed(_torch_candidates(ctx, only, progress, library_bits), rounds)
+
+
+def _gguf_candidates(ctx: Context, types: tuple[str, ...] = GGUF_TYPES) -> list[tuple[Row, Timer | None]]:
     """llama.cpp rows: the course model's F16 GGUF quantized to each type (cached files reused), scored on
-    the same windows against the PyTorch reference, and timed together (all files take turns)."""
+    the same windows against the PyTorch reference, each with its timer."""
     from course_utils.backends import gguf_file, llamacpp
 
     implementation = "llama.cpp"
@@ -337,10 +399,11 @@ def gguf_rows(ctx: Context, types: tuple[str, ...] = GGUF_TYPES) -> list[Row]:
     if ctx.model_name != config.DEFAULT_MODEL:
         problem = "the GGUF rows use the default model's GGUF export (lesson 09); run them with --model default"
     if problem:
-        return [Row("GGUF", t, implementation, note=f"not run: {problem}", library="llama.cpp", source="library") for t in types]
+        return [(Row("GGUF", t, implementation, note=f"not run: {problem}", library="llama.cpp", source="library"), None)
+                for t in types]
     implementation = f"llama.cpp (llama-cpp-python {_version('llama_cpp_python')})"
     src = gguf_file.export_f16_gguf()
-    rows, paths = [], []
+    out = []
     for t in types:
         start = time.perf_counter()
         path = src if t == "F16" else llamacpp.quantize_gguf(src, type_name=t)
@@ -350,25 +413,35 @@ def gguf_rows(ctx: Context, types: tuple[str, ...] = GGUF_TYPES) -> list[Row]:
         blocks = [t for t in gguf_file.anatomy(path).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
         with llamacpp.LlamaCppLogits(path) as llm:
             c = evaluate.compare(llm, ctx.reference, ctx.windows)
-        rows.append(Row("GGUF", t, implementation, memory_bytes=summary.tensor_bytes, disk_bytes=folder_bytes(path),
-                        bits_per_weight=memory.stored_bits_per_weight(summary.tensor_bytes, ctx.n_params),
-                        linear_bits=memory.stored_bits_per_weight(sum(t.n_bytes for t in blocks), sum(t.n_elements for t in blocks)),
-                        ppl=c.ppl, ppl_delta_pct=c.ppl_delta_pct,
-                        kl_mean=c.kl_mean, top1=c.top1, quantize_s=None if reused else seconds,
-                        note="file reused from the cache" if reused else "", library="llama.cpp", source="library"))
-        paths.append(path)
-    speeds = llamacpp.decode_speeds(paths, PROMPT, n_tokens=NEW_TOKENS, repeats=2)
-    for row, path in zip(rows, paths):
-        row.prompt_tps, row.gen_tps = speeds[path].prompt_tokens_per_s, speeds[path].gen_tokens_per_s
-    return rows
+        row = Row("GGUF", t, implementation, memory_bytes=summary.tensor_bytes, disk_bytes=folder_bytes(path),
+                  bits_per_weight=memory.stored_bits_per_weight(summary.tensor_bytes, ctx.n_params),
+                  linear_bits=memory.stored_bits_per_weight(sum(t.n_bytes for t in blocks), sum(t.n_elements for t in blocks)),
+                  ppl=c.ppl, ppl_delta_pct=c.ppl_delta_pct, kl_mean=c.kl_mean, top1=c.top1,
+                  quantize_s=None if reused else seconds, note="file reused from the cache" if reused else "",
+                  library="llama.cpp", source="library")
+
+        def once(path=path) -> tuple[float, float]:
+            speed = llamacpp.decode_speed(path, PROMPT, n_tokens=NEW_TOKENS, repeats=1)  # loaded, one untimed run, one timed
+            return speed.prompt_tokens_per_s, speed.gen_tokens_per_s
+        out.append((row, once))
+    return out
+
+
+def gguf_rows(ctx: Context, types: tuple[str, ...] = GGUF_TYPES, rounds: int = ROUNDS) -> list[Row]:
+    """The llama.cpp rows (:func:`_gguf_candidates`), timed in turns with each other."""
+    return _timed(_gguf_candidates(ctx, types), rounds)
 
 
 def run(model_name: str | None = None, device: str | None = None, only: list[str] | None = None,
-        progress: Callable[[str], None] | None = print) -> list[Row]:
-    """The whole table for this machine: PyTorch rows, then GGUF rows (``only``: method names to keep,
-    e.g. ``["float", "RTN", "GGUF"]``)."""
+        progress: Callable[[str], None] | None = print, library_bits: tuple[int, ...] = (4,),
+        rounds: int = ROUNDS) -> list[Row]:
+    """The whole table for this machine: PyTorch rows, then GGUF rows, all timed in turns together
+    (``only``: method names to keep, e.g. ``["float", "RTN", "GGUF"]``; ``library_bits``: the bits at which
+    GPTQModel and llm-compressor also quantize)."""
     ctx = context(model_name, device)
-    rows = torch_rows(ctx, only, progress)
+    candidates = _torch_candidates(ctx, only, progress, library_bits)
     if not only or "GGUF" in only:
-        rows += gguf_rows(ctx)
-    return rows
+        candidates += _gguf_candidates(ctx)
+    if progress:
+        progress(f"timing {sum(t is not None for _, t in candidates)} rows in {rounds} turns")
+    return _timed(candidates, rounds)

@@ -15,7 +15,7 @@ from pathlib import Path
 from course_utils.compare import Row
 
 COLUMNS = ("method", "precision", "implementation", "memory MB", "disk MB", "bits/weight", "Linear bits", "ppl", "delta %",
-           "KL", "top-1 %", "prompt tok/s", "gen tok/s", "quantize s", "note")
+           "KL", "top-1 %", "prompt tok/s", "gen tok/s", "gen IQR", "quantize s", "note")
 
 
 def _cells(row: Row) -> list[str]:
@@ -25,7 +25,8 @@ def _cells(row: Row) -> list[str]:
             f(row.disk_bytes and row.disk_bytes / 1e6, ".1f"), f(row.bits_per_weight, ".2f"), f(row.linear_bits, ".2f"),
             f(row.ppl, ".2f"),
             f(row.ppl_delta_pct, "+.1f"), f(row.kl_mean, ".3f"), f(row.top1 and 100 * row.top1, ".1f"),
-            f(row.prompt_tps, ".0f"), f(row.gen_tps, ".1f"), f(row.quantize_s, ".1f"), row.note]
+            f(row.prompt_tps, ".0f"), f(row.gen_tps, ".1f"),
+            "" if row.gen_tps_q1 is None else f"{row.gen_tps_q1:.1f}-{row.gen_tps_q3:.1f}", f(row.quantize_s, ".1f"), row.note]
 
 
 def to_markdown(rows: list[Row]) -> str:

@@ -25,6 +25,21 @@ def test_markdown_has_a_line_per_row_and_blank_cells_for_what_was_not_measured()
     assert "| AWQ | int4 g64 | course_utils.quant.awq | 170.0 | 175.0 | 10.10 | 4.25 | 14.10 | +20.5 | 0.200 | 76.0 |" in text
 
 
+def test_speeds_come_from_turns_with_their_quartiles():
+    calls = []
+
+    def timer(name, values):
+        it = iter(values)
+        return lambda: calls.append(name) or next(it)
+
+    a, b = Row("float", "fp32", "t"), Row("RTN", "int4 g64", "c")
+    compare.time_in_turns([(a, timer("a", [(100, 10), (120, 30), (110, 20)])), (b, timer("b", [(200, 40), (180, 60), (190, 50)]))], rounds=3)
+    assert calls == ["a", "b"] * 3                       # one of each per round, in turn
+    assert (a.prompt_tps, a.gen_tps) == (110, 20) and (b.prompt_tps, b.gen_tps) == (190, 50)   # medians
+    assert a.gen_tps_q1 < a.gen_tps < a.gen_tps_q3 and b.gen_tps_q1 < b.gen_tps < b.gen_tps_q3
+    assert "| 20.0 | " in compare_report.to_markdown([a]) and f"{a.gen_tps_q1:.1f}-{a.gen_tps_q3:.1f}" in compare_report.to_markdown([a])
+
+
 def test_csv_round_trips_every_field(tmp_path):
     path = compare_report.to_csv(_rows(), tmp_path / "t.csv")
     back = compare_report.read_csv(path)
@@ -83,7 +98,7 @@ def test_a_row_that_cannot_run_stays_in_the_table_with_its_reason(monkeypatch):
     def unavailable(ctx):
         raise BackendUnavailableError("GPTQModel could not be imported (no module named gptqmodel)")
 
-    monkeypatch.setattr(compare, "row_specs", lambda: [RowSpec("GPTQ", "int4 g64", "GPTQModel", "library", unavailable)])
+    monkeypatch.setattr(compare, "row_specs", lambda bits: [RowSpec("GPTQ", "int4 g64", "GPTQModel", "library", unavailable)])
     rows = compare.torch_rows(ctx=None, progress=None)
     assert len(rows) == 1 and not rows[0].measured
     assert (rows[0].implementation, rows[0].library, rows[0].source) == ("GPTQModel", "GPTQModel", "library")
@@ -94,7 +109,7 @@ def test_a_bug_in_the_course_code_is_not_hidden_as_a_row_that_did_not_run(monkey
     def broken(ctx):
         raise IndexError("a bug in a builder")
 
-    monkeypatch.setattr(compare, "row_specs", lambda: [RowSpec("RTN", "int4 g64", "course_utils", "from scratch", broken)])
+    monkeypatch.setattr(compare, "row_specs", lambda bits: [RowSpec("RTN", "int4 g64", "course_utils", "from scratch", broken)])
     with pytest.raises(IndexError, match="a bug in a builder"):
         compare.torch_rows(ctx=None, progress=None)
 
@@ -102,7 +117,7 @@ def test_a_bug_in_the_course_code_is_not_hidden_as_a_row_that_did_not_run(monkey
 def test_the_command_line_writes_the_table(monkeypatch, tmp_path, capsys):
     from course_utils.__main__ import main
 
-    monkeypatch.setattr(compare, "run", lambda model, device, only: _rows())
+    monkeypatch.setattr(compare, "run", lambda model, device, only, library_bits: _rows())
     assert main(["compare", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "compare.csv").is_file() and "5 rows" in capsys.readouterr().out
 
@@ -111,7 +126,11 @@ def test_every_method_of_the_course_has_a_row():
     specs = compare.row_specs()
     assert {s.method for s in specs} == {"float", "RTN", "LLM.int8", "NF4", "GPTQ", "AWQ"}
     assert {(s.library, s.source) for s in specs if s.method == "GPTQ"} == {("course_utils", "from scratch"), ("GPTQModel", "library")}
-    assert len(specs) == 16 and set(compare.GGUF_TYPES) >= {"Q8_0", "Q6_K", "Q4_K_M", "Q4_0", "Q2_K"}
+    assert len(specs) == 14 and set(compare.GGUF_TYPES) >= {"Q8_0", "Q6_K", "Q4_K_M", "Q4_0", "Q2_K"}
+    # the libraries at 3 bits too, on request
+    both = compare.row_specs(library_bits=(4, 3))
+    assert len(both) == 16 and {(s.precision, s.library) for s in both} - {(s.precision, s.library) for s in specs} == {
+        ("int3 g64", "GPTQModel"), ("int3 g64", "llm-compressor")}
 
 
 @pytest.mark.slow
