@@ -113,14 +113,10 @@ def speeds_in_turns(models_by_name: dict[str, torch.nn.Module], tokenizer, promp
                     rounds: int = 3) -> dict[str, tuple[float, float, float]]:
     """Decode tokens/s of each model (the fastest way the course runs it, :func:`decode.fastest_decoder`),
     taking turns: name -> (median, first quartile, third quartile) over ``rounds``."""
-    ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
     measures = {}
     for name, m in models_by_name.items():
-        decoder = decode.fastest_decoder(m, max_tokens=ids.shape[0] + new_tokens + 8)
-        if decoder is None:
-            measures[name] = lambda m=m: timing.decode_tokens_per_second(m, tokenizer, prompt, new_tokens).decode_tokens_per_s
-        else:
-            measures[name] = lambda d=decoder: d.speed(ids, new_tokens).decode_tokens_per_s
+        timer = decode.speed_timer(m, tokenizer, prompt, new_tokens)
+        measures[name] = lambda t=timer: t(new_tokens).decode_tokens_per_s
     return {name: quartiles(values) for name, values in take_turns(measures, rounds).items()}
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from course_utils import bench, cache, config, data, decode, evaluate, memory, models, timing
+from course_utils import bench, cache, config, data, decode, evaluate, memory, models
 from course_utils.quant import kernel_path
 
 PROMPT = "Explain in one paragraph why a smaller model file can generate text faster."
@@ -291,20 +291,13 @@ Timer = Callable[[], tuple[float, float]]  # one timed generation: (prompt token
 
 def _timer(ctx: Context, m: torch.nn.Module) -> Timer:
     """One greedy generation of ``m`` after :data:`PROMPT`, the fastest way the course runs it: through
-    :func:`decode.fastest_decoder` (built once), or through transformers for the libraries' layers.
+    :func:`decode.speed_timer` (the lean loop, or transformers for the libraries' layers).
 
     A short untimed probe first: a row slower than :data:`SLOW_TOKENS_PER_S` (a layer that rebuilds its
     float weight at every call, a library's CPU fallback) generates :data:`SLOW_NEW_TOKENS` per turn instead
     of :data:`NEW_TOKENS`. Its cost per token is fixed, so a few tokens measure it as well, in a fraction of
     the time."""
-    ids = ctx.tokenizer(PROMPT, return_tensors="pt").input_ids[0]
-    decoder = decode.fastest_decoder(m, max_tokens=ids.shape[0] + NEW_TOKENS + 8)
-
-    def generate(new_tokens: int, warmup: int) -> timing.DecodeSpeed:
-        if decoder is None:
-            return timing.decode_tokens_per_second(m, ctx.tokenizer, PROMPT, new_tokens=new_tokens, warmup_tokens=warmup)
-        return decoder.speed(ids, new_tokens, warmup_tokens=warmup)
-
+    generate = decode.speed_timer(m, ctx.tokenizer, PROMPT, NEW_TOKENS)
     slow = generate(3, 1).decode_tokens_per_s < SLOW_TOKENS_PER_S
     new_tokens, warmup = (SLOW_NEW_TOKENS, 1) if slow else (NEW_TOKENS, 4)
 

@@ -389,12 +389,16 @@ def fastest_decoder(model: nn.Module, max_tokens: int = 512) -> Decoder | None:
     return Decoder(model, dtype=kernel_path.KERNEL_DTYPE if with_kernel else None, max_tokens=max_tokens)
 
 
-def decode_speed(model: nn.Module, tokenizer, prompt: str, new_tokens: int = 32) -> timing.DecodeSpeed:
-    """Greedy decode speed of ``model`` after ``prompt``, the fastest way the course runs it: through
-    :func:`fastest_decoder`, or through transformers (:func:`course_utils.timing.decode_tokens_per_second`) for
-    a model the lean loop does not support."""
+def speed_timer(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 32) -> Callable[..., timing.DecodeSpeed]:
+    """``timer(new_tokens, warmup_tokens=4)``: prefill and decode speed of one greedy generation of ``model`` after
+    ``prompt`` (``new_tokens`` up to ``max_new_tokens``), the fastest way the course runs it: through
+    :func:`fastest_decoder` (built once, here), or through transformers
+    (:func:`course_utils.timing.decode_tokens_per_second`) for a model the lean loop does not support."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
-    decoder = fastest_decoder(model, max_tokens=ids.shape[0] + new_tokens + 8)
-    if decoder is None:
-        return timing.decode_tokens_per_second(model, tokenizer, prompt, new_tokens=new_tokens)
-    return decoder.speed(ids, new_tokens)
+    decoder = fastest_decoder(model, max_tokens=ids.shape[0] + max_new_tokens + 8)
+
+    def timer(new_tokens: int, warmup_tokens: int = 4) -> timing.DecodeSpeed:
+        if decoder is None:
+            return timing.decode_tokens_per_second(model, tokenizer, prompt, new_tokens=new_tokens, warmup_tokens=warmup_tokens)
+        return decoder.speed(ids, new_tokens, warmup_tokens=warmup_tokens)
+    return timer
