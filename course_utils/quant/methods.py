@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from course_utils import data
-from course_utils.quant import awq, gptq, linear, llm_int8, nf4, store
+from course_utils.quant import awq, gptq, linear, llm_int8, microscaling, nf4, store
 from course_utils.quant.contract import Report
 
 # config type -> (the module holding its quantize_model, the report type it returns)
@@ -25,6 +25,7 @@ METHODS: dict[type, tuple[ModuleType, type]] = {
     linear.RTNConfig: (linear, linear.RTNReport),
     llm_int8.Int8Config: (llm_int8, Report),
     nf4.NF4Config: (nf4, Report),
+    microscaling.MicroscaleConfig: (microscaling, Report),
     gptq.GPTQConfig: (gptq, gptq.GPTQReport),
     awq.AWQConfig: (awq, awq.AWQReport),
 }
@@ -46,7 +47,7 @@ def _check_calibration(cfg, calibration: torch.Tensor | None) -> torch.Tensor | 
 
 def quantize(model: nn.Module, cfg, calibration: torch.Tensor | None = None) -> Report:
     """Quantize ``model`` in place with the method ``cfg`` configures (RTNConfig, Int8Config, NF4Config,
-    GPTQConfig or AWQConfig); ``calibration``: token ids (n_samples, seq_len) for the methods that need it."""
+    MicroscaleConfig, GPTQConfig or AWQConfig); ``calibration``: token ids (n_samples, seq_len) for the methods that need it."""
     module, _ = _method(cfg)
     calibration = _check_calibration(cfg, calibration)
     if cfg.needs_calibration:
@@ -72,7 +73,7 @@ def quantized_copy(
     type, the calibration tokens' fingerprint and shape, and the quantizer's source code are part of the
     cache key, so another model, precision, calibration set or a fixed quantizer never gets a stale result. Returns ``(copy, report, was_cached)``;
     ``report.seconds`` is the quantizer's run time when it ran (cached: the run that made the file).
-    LLM.int8 and NF4 are quick and not cached.
+    LLM.int8, NF4 and the microscaling formats are quick and not cached.
     """
     module, report_type = _method(cfg)
     calibration = _check_calibration(cfg, calibration)
