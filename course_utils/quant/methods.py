@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from course_utils import data
-from course_utils.quant import awq, gptq, linear, llm_int8, microscaling, nf4, store
+from course_utils.quant import awq, gptq, linear, llm_int8, microscaling, nf4, store, w8a8
 from course_utils.quant.contract import Report
 
 # config type -> (the module holding its quantize_model, the report type it returns)
@@ -26,6 +26,7 @@ METHODS: dict[type, tuple[ModuleType, type]] = {
     llm_int8.Int8Config: (llm_int8, Report),
     nf4.NF4Config: (nf4, Report),
     microscaling.MicroscaleConfig: (microscaling, Report),
+    w8a8.W8A8Config: (w8a8, w8a8.W8A8Report),
     gptq.GPTQConfig: (gptq, gptq.GPTQReport),
     awq.AWQConfig: (awq, awq.AWQReport),
 }
@@ -47,10 +48,10 @@ def _check_calibration(cfg, calibration: torch.Tensor | None) -> torch.Tensor | 
 
 def quantize(model: nn.Module, cfg, calibration: torch.Tensor | None = None) -> Report:
     """Quantize ``model`` in place with the method ``cfg`` configures (RTNConfig, Int8Config, NF4Config,
-    MicroscaleConfig, GPTQConfig or AWQConfig); ``calibration``: token ids (n_samples, seq_len) for the methods that need it."""
+    MicroscaleConfig, W8A8Config, GPTQConfig or AWQConfig); ``calibration``: token ids (n_samples, seq_len) for the methods that need it."""
     module, _ = _method(cfg)
     calibration = _check_calibration(cfg, calibration)
-    if cfg.needs_calibration:
+    if isinstance(cfg, (gptq.GPTQConfig, awq.AWQConfig)):  # the layer-by-layer methods show progress unless told not to
         return module.quantize_model(model, cfg, calibration, progress=False)
     return module.quantize_model(model, cfg, calibration)
 
