@@ -180,3 +180,90 @@ def test_loading_puts_transformers_progress_bars_back_as_they_were():
             assert hf_logging.is_progress_bar_enabled() is state
     finally:
         (hf_logging.enable_progress_bar if was_on else hf_logging.disable_progress_bar)()
+
+
+def _tiny_folder(folder, outlier: bool = True):
+    """A 2-layer Llama of width 64 saved with a one-word tokenizer (the calibration rows are token ids
+    already; llm-compressor only asks that a tokenizer exist), and its calibration rows."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+        if outlier:
+            model.model.layers[0].input_layernorm.weight[5] = 40.0
+    model.save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"[UNK]": 0}, unk_token="[UNK]"))).save_pretrained(folder)
+    return model, torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def test_smoothquant_factors_equal_llm_compressors_with_its_range_statistic(tmp_path):
+    """llm-compressor smooths with the activation's range (max - min) and twice max|W|; the course's
+    ``statistic="range"`` reproduces it: bit for bit where both calibrate on the same inputs (the first
+    layer's q/k/v), to float rounding after it (llm-compressor calibrates each group on the outputs of the
+    layers it has already smoothed, the course on the float model in one pass)."""
+    needs_llmcompressor()
+    import copy
+
+    from course_utils.quant import smoothquant
+
+    model, cal = _tiny_folder(tmp_path)
+    theirs, seconds = lc.scheme_model(tmp_path, "W8A8", smoothing_strength=0.5, calibration=cal)
+    ours = copy.deepcopy(model)
+    smoothquant.smooth_model(ours, cal, alpha=0.5, statistic="range")
+    mine, lib = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    for name in ("model.layers.0.input_layernorm.weight", "model.layers.0.self_attn.q_proj.weight"):
+        assert torch.equal(mine[name], lib[name]), name
+    for name, p in mine.items():
+        assert torch.allclose(p, lib[name], rtol=1e-5, atol=1e-7), name
+    paper = copy.deepcopy(model)
+    smoothquant.smooth_model(paper, cal, alpha=0.5, statistic="absmax")
+    assert not torch.allclose(paper.model.layers[0].input_layernorm.weight, lib["model.layers.0.input_layernorm.weight"])
+
+
+def test_w8a8_and_fp8_weight_grids_against_llm_compressor(tmp_path):
+    """Same per-channel weight codes in FP8 (scale amax / 448 both); in int8 llm-compressor's symmetric
+    scale is amax / 127.5 (its grid runs -128..127), the course's amax / 127 (codes -127..127)."""
+    needs_llmcompressor()
+    from course_utils.quant import w8a8
+
+    model, _ = _tiny_folder(tmp_path, outlier=False)
+    float_down = model.model.layers[1].mlp.down_proj
+    int8, _ = lc.scheme_model(tmp_path, "W8A8")
+    lib = int8.model.layers[1].mlp.down_proj
+    assert torch.allclose(lib.weight_scale.reshape(-1), float_down.weight.abs().amax(1) / 127.5)
+    assert torch.allclose(w8a8.W8A8Linear(float_down, "int8").weight_scale, float_down.weight.abs().amax(1) / 127)
+    fp8, _ = lc.scheme_model(tmp_path, "FP8_DYNAMIC")
+    lib = fp8.model.layers[1].mlp.down_proj
+    own = w8a8.W8A8Linear(float_down, "fp8")
+    assert torch.equal(lib.weight_scale.reshape(-1), own.weight_scale)
+    codes = (lib.weight / lib.weight_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    assert torch.equal(codes.float(), own.qweight.float())
+
+
+def test_nvfp4_weights_equal_llm_compressors(tmp_path):
+    needs_llmcompressor()
+    from course_utils.quant import microscaling
+
+    model, _ = _tiny_folder(tmp_path, outlier=False)
+    theirs, _ = lc.scheme_model(tmp_path, "NVFP4A16")
+    for i in (0, 1):
+        w = model.model.layers[i].self_attn.o_proj.weight.detach()
+        lib = theirs.model.layers[i].self_attn.o_proj
+        own = microscaling.quantize(w, "nvfp4")
+        assert torch.equal(own.tensor_scale, lib.weight_global_scale.reshape(1))
+        assert torch.equal(own.scales.float(), lib.weight_scale.float())
+
+
+def test_scheme_names_and_calibration_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        lc.scheme_model(tmp_path, "W4A4")
+    with pytest.raises(ValueError, match="needs calibration"):
+        lc.scheme_model(tmp_path, "W8A8", smoothing_strength=0.5)

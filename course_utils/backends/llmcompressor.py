@@ -5,6 +5,9 @@
   group-wise integer grid is a separate modifier), then save it in the compressed-tensors format
   (``pack-quantized``: int4 codes packed in int32, a scale per group). The result is cached: a folder
   whose recorded settings (and calibration fingerprint, source model and library versions) match is reused.
+- ``scheme_model``: a float checkpoint quantized in memory with one of compressed-tensors' preset schemes
+  (W8A8, FP8, NVFP4, ...), after SmoothQuant if asked: what those schemes compute, to compare with the
+  course's own W8A8 and microscaling quantizers.
 - ``load_quantized``: load such a checkpoint back through ``transformers.AutoModelForCausalLM``.
 - ``cpu_pin_memory_bypass``: the one patch needed to run AWQModifier on a machine without a GPU.
 
@@ -268,6 +271,67 @@ def awq_quantize(
             stack.enter_context(_console_logs_off())
         seconds = build_checkpoint(out_dir, CACHE_RECORD, record, build, "llm-compressor", model_dir, quiet)
     return out_dir, seconds
+
+
+SCHEMES = ("W8A8", "FP8", "FP8_DYNAMIC", "NVFP4", "NVFP4A16", "MXFP4A16")  # compressed-tensors' presets the course uses
+
+
+def scheme_model(
+    model_dir: str | Path | None = None,
+    scheme: str = "W8A8",
+    smoothing_strength: float | None = None,
+    calibration=None,
+    dtype: torch.dtype = torch.float32,
+    max_seq_length: int = 512,
+    quiet: bool = True,
+):
+    """The float checkpoint in ``model_dir`` quantized in memory by llm-compressor's ``oneshot`` with one of
+    compressed-tensors' preset ``scheme`` names (:data:`SCHEMES`), after ``SmoothQuantModifier`` if
+    ``smoothing_strength`` (alpha) is given; returns ``(model, seconds)``. Every Linear but ``lm_head``.
+
+    The model is not saved: its layers keep their float weights with the quantization parameters beside
+    them and quantize-dequantize weights (and, for the W8A8/FP8/NVFP4 schemes, their inputs) in every
+    forward pass, so it computes what the scheme computes, at float speed or slower. ``calibration``:
+    token-id rows or texts, needed for SmoothQuant and for the static activation scales of "FP8" and "NVFP4";
+    the dynamic schemes (W8A8: int8 per channel, int8 per token; FP8_DYNAMIC; the A16 weight-only ones)
+    need none. ``seconds`` covers loading and ``oneshot``. ``quiet`` keeps the logs and progress bars out.
+    """
+    import time
+
+    from course_utils import models
+
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if (smoothing_strength is not None or scheme in ("FP8", "NVFP4")) and calibration is None:
+        raise ValueError(f"{scheme}{' with SmoothQuant' if smoothing_strength is not None else ''} needs calibration "
+                         "data: pass calibration=data.calibration_batches(tokenizer, 16, 512)")
+    _import()
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir) if model_dir is not None else models.default_model_dir()
+    recipe = [QuantizationModifier(scheme=scheme, targets=["Linear"], ignore=["lm_head"])]
+    if smoothing_strength is not None:
+        recipe.insert(0, SmoothQuantModifier(smoothing_strength=float(smoothing_strength)))
+    data = {}
+    if calibration is not None:
+        rows, _ = calibration_rows(calibration)
+        dataset, seq_len = _dataset(rows, max_seq_length)
+        data = {"dataset": dataset, "num_calibration_samples": len(rows), "max_seq_length": seq_len,
+                "shuffle_calibration_samples": False}
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(hf_progress_bars_off())
+        if quiet:
+            stack.enter_context(_console_logs_off())
+            stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir) if data else None
+        with cpu_pin_memory_bypass():
+            oneshot(model=model, tokenizer=tokenizer, recipe=recipe, **data)
+    return model.eval(), time.perf_counter() - start
 
 
 # ------------------------------------------------------------------------------------ loading
