@@ -157,6 +157,29 @@ def generate_side_by_side(
     ]
 
 
+def _chunk_means(values: torch.Tensor, n_chunks: int) -> torch.Tensor:
+    """The mean of each of ``n_chunks`` equal consecutive chunks of ``values`` (n,); a remainder of fewer
+    than ``n_chunks`` values at the end is left out."""
+    n = values.numel() // n_chunks * n_chunks
+    if n == 0:
+        raise ValueError(f"{values.numel()} tokens cannot be split into {n_chunks} chunks")
+    return values[:n].float().view(n_chunks, -1).mean(1)
+
+
+def _paired_interval(a: torch.Tensor, b: torch.Tensor, statistic, n_chunks: int, n_boot: int, seed: int) -> tuple[float, float]:
+    """95 % interval of ``statistic(mean of a, mean of b)`` over chunk resamples drawn *together* for both."""
+    ca, cb = _chunk_means(a, n_chunks), _chunk_means(b, n_chunks)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n_chunks, (n_boot, n_chunks), generator=gen)
+    values = statistic(ca[idx].mean(1), cb[idx].mean(1))
+    lo, hi = torch.quantile(values, torch.tensor([0.025, 0.975]))
+    return float(lo), float(hi)
+
+
+def _ppl_change_pct(nll_a: torch.Tensor, nll_b: torch.Tensor) -> torch.Tensor:
+    return 100.0 * (torch.exp(nll_a - nll_b) - 1.0)
+
+
 def bootstrap_delta_pct(comparison: Comparison, n_chunks: int = 32, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
     """95 % interval of the perplexity change (percent) by a paired bootstrap over chunks of text.
 
@@ -165,16 +188,32 @@ def bootstrap_delta_pct(comparison: Comparison, n_chunks: int = 32, n_boot: int 
     recomputes *both* perplexities on the same chunks, so the interval reflects how much the change
     depends on which text was used, not how much the two models' perplexities vary.
     """
-    n = comparison.token_nll.numel() // n_chunks * n_chunks
-    if n == 0:
-        raise ValueError(f"{comparison.token_nll.numel()} tokens cannot be split into {n_chunks} chunks")
-    c = comparison.token_nll[:n].view(n_chunks, -1).mean(1)
-    r = comparison.token_ref_nll[:n].view(n_chunks, -1).mean(1)
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n_chunks, (n_boot, n_chunks), generator=gen)
-    deltas = 100.0 * (torch.exp(c[idx].mean(1) - r[idx].mean(1)) - 1.0)
-    lo, hi = torch.quantile(deltas, torch.tensor([0.025, 0.975]))
-    return float(lo), float(hi)
+    return _paired_interval(comparison.token_nll, comparison.token_ref_nll, _ppl_change_pct, n_chunks, n_boot, seed)
+
+
+def _check_same_tokens(a: Comparison, b: Comparison) -> None:
+    if a.n_tokens != b.n_tokens or not torch.equal(a.token_ref_nll, b.token_ref_nll):
+        raise ValueError("the two comparisons were not made against the same reference on the same tokens; "
+                         "a paired interval needs both candidates scored on one Reference")
+
+
+def paired_ppl_change(a: Comparison, b: Comparison, n_chunks: int = 32, n_boot: int = 1000,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """How much higher candidate ``a``'s perplexity is than ``b``'s, in percent, with its 95 % paired-bootstrap
+    interval: ``(change, low, high)``. Both must be scored against the same reference on the same tokens;
+    an interval that contains 0 means the text does not tell the two apart."""
+    _check_same_tokens(a, b)
+    change = 100.0 * (a.ppl / b.ppl - 1.0)
+    return (change, *_paired_interval(a.token_nll, b.token_nll, _ppl_change_pct, n_chunks, n_boot, seed))
+
+
+def paired_kl_difference(a: Comparison, b: Comparison, n_chunks: int = 32, n_boot: int = 1000,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """Mean KL of ``a`` minus mean KL of ``b`` (nats per token) with its 95 % paired-bootstrap interval:
+    ``(difference, low, high)``, resampling the same chunks of text for both."""
+    _check_same_tokens(a, b)
+    return (a.kl_mean - b.kl_mean,
+            *_paired_interval(a.token_kl, b.token_kl, lambda x, y: x - y, n_chunks, n_boot, seed))
 
 
 def share_removed(variant: Comparison, baseline: Comparison) -> float:

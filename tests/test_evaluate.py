@@ -89,6 +89,38 @@ def test_bootstrap_interval_of_identical_models_is_zero_and_brackets_a_real_chan
     assert lo <= worse.ppl_delta_pct <= hi
 
 
+class Noisy(torch.nn.Module):
+    """The Oracle's logits plus seeded noise of size ``sigma``: a candidate that is worse by a known amount."""
+
+    def __init__(self, sigma: float, seed: int = 0):
+        super().__init__()
+        self.sigma, self.seed = sigma, seed
+
+    def forward(self, input_ids):
+        g = torch.Generator().manual_seed(self.seed)
+        logits = Oracle()(input_ids).logits / 10  # soft enough that noise moves the probabilities
+        return SimpleNamespace(logits=logits + self.sigma * torch.randn(logits.shape, generator=g))
+
+
+def test_paired_intervals_between_two_candidates():
+    w = data.token_windows(torch.arange(256) % 50, window=16)
+    ref = evaluate.reference_log_probs(Oracle(), w)
+    small, large = evaluate.compare(Noisy(0.5), ref, w), evaluate.compare(Noisy(3.0), ref, w)
+    change, lo, hi = evaluate.paired_ppl_change(large, small, n_chunks=16)
+    assert change == pytest.approx(100 * (large.ppl / small.ppl - 1)) and 0 < lo <= change <= hi
+    diff, lo, hi = evaluate.paired_kl_difference(large, small, n_chunks=16)
+    assert diff == pytest.approx(large.kl_mean - small.kl_mean, rel=1e-5) and 0 < lo <= diff <= hi
+    same_change, lo, hi = evaluate.paired_ppl_change(small, small, n_chunks=16)
+    assert (same_change, lo, hi) == pytest.approx((0.0, 0.0, 0.0), abs=1e-6)
+    # two equally noisy candidates (different seeds): the interval of their difference straddles zero
+    twin = evaluate.compare(Noisy(0.5, seed=1), ref, w)
+    _, lo, hi = evaluate.paired_kl_difference(twin, small, n_chunks=16)
+    assert lo < 0 < hi
+    other = evaluate.compare(Noisy(0.5), Oracle(), data.token_windows(torch.arange(128) % 50, window=16))
+    with pytest.raises(ValueError, match="same reference on the same tokens"):
+        evaluate.paired_ppl_change(other, small)
+
+
 def test_share_removed_is_one_at_the_reference_and_zero_at_the_baseline():
     w = data.token_windows(torch.arange(32), window=8)
     worse = evaluate.compare(Uniform(64), Oracle(), w)        # perplexity 64 against 1
