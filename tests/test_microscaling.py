@@ -15,22 +15,6 @@ def _gguf_mxfp4(w: torch.Tensor) -> np.ndarray:
     return quants.quantize(w.numpy(), GGMLQuantizationType.MXFP4).reshape(-1, 17)
 
 
-def _compressed_tensors_nvfp4(w: torch.Tensor):
-    """(tensor scale, block scales as float32, dequantized weight, packed codes) as llm-compressor's NVFP4
-    scheme makes them: the global scale from the tensor's min/max, the block qparams from each block's."""
-    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
-    from compressed_tensors.quantization.lifecycle.forward import fake_quantize, quantize
-    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
-    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
-
-    args = preset_name_to_scheme("NVFP4", ["Linear"]).weights
-    gs = generate_gparam(w.amin(), w.amax())
-    blocks = w.unflatten(-1, (-1, args.group_size))
-    scale, zp = calculate_qparams(blocks.amin(-1), blocks.amax(-1), args, global_scale=gs)
-    packed = pack_fp4_to_uint8(quantize(w, scale, zp, args, global_scale=gs))
-    return gs, scale, fake_quantize(w, scale, zp, args, global_scale=gs), packed
-
-
 def _cases() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(64, 256, generator=g) * torch.logspace(-3, 2, 64).unsqueeze(1)  # 5 decades of row sizes
@@ -126,7 +110,10 @@ def test_mxfp4_denormal_block_is_where_the_reference_wraps_around():
 @pytest.mark.parametrize("case", ["rows", "zero block", "outlier", "tiny", "zeros"])
 def test_nvfp4_equals_compressed_tensors(case):
     w = _cases()[case]
-    gs, scale, fake, packed = _compressed_tensors_nvfp4(w)
+    from course_utils.backends import llmcompressor
+
+    ref = llmcompressor.nvfp4_reference(w)
+    gs, scale, fake, packed = ref["tensor_scale"], ref["block_scales"], ref["dequantized"], ref["packed"]
     q = ms.quantize(w, "nvfp4", rounding="even")
     assert torch.equal(q.tensor_scale, gs)
     assert torch.equal(q.dequantize(), fake)

@@ -334,6 +334,27 @@ def scheme_model(
     return model.eval(), time.perf_counter() - start
 
 
+def nvfp4_reference(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One weight (out, in) through compressed-tensors' NVFP4 arithmetic, as llm-compressor's ``NVFP4`` scheme
+    runs it: the tensor scale from the weight's min and max, the FP8 block scales from each block of 16,
+    the rounding to E2M1. Returns ``{"tensor_scale": (1,), "block_scales": (out, in / 16) float32 holding
+    E4M3 values, "dequantized": (out, in), "packed": (out, in / 2) uint8}``."""
+    _import_compressed_tensors()
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize, quantize
+    from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams, generate_gparam
+
+    w = weight.detach().float()
+    args = preset_name_to_scheme("NVFP4", ["Linear"]).weights
+    tensor_scale = generate_gparam(w.amin(), w.amax())
+    blocks = w.unflatten(-1, (-1, args.group_size))
+    scale, zero = calculate_qparams(blocks.amin(-1), blocks.amax(-1), args, global_scale=tensor_scale)
+    return {"tensor_scale": tensor_scale, "block_scales": scale,
+            "dequantized": fake_quantize(w, scale, zero, args, global_scale=tensor_scale),
+            "packed": pack_fp4_to_uint8(quantize(w, scale, zero, args, global_scale=tensor_scale))}
+
+
 # ------------------------------------------------------------------------------------ loading
 
 
