@@ -82,7 +82,10 @@ class W8A8Linear(QuantizedLayer):
         sx = self._input_scale(x2)
         qx = act_quant.quantize(x2, sx, self.dtype_name)
         if self.engine == "torch._int_mm":
-            acc = torch._int_mm(qx, self.qweight.t()).float()
+            rows = qx.shape[0]
+            if qx.is_cuda and rows <= 16:  # CUDA's int8 matmul wants more than 16 rows: pad a decode step
+                qx = torch.cat([qx, qx.new_zeros(17 - rows, qx.shape[1])])
+            acc = torch._int_mm(qx, self.qweight.t())[:rows].float()
             y = acc * sx * self.weight_scale
         elif self.engine == "torch._scaled_mm":
             y = torch._scaled_mm(qx, self.qweight.t(), scale_a=sx.float().contiguous(),
