@@ -64,6 +64,18 @@ def test_smoothing_factor_by_hand():
     assert torch.allclose(ranged[:2], s[:2] / 2 ** 0.5)
 
 
+def test_smoothing_down_proj_through_up_proj_keeps_the_float_model(tiny_llama, tiny_calibration, logits_of):
+    model = tiny_llama()
+    smoothed = copy.deepcopy(model)
+    record = smoothquant.smooth_model(smoothed, tiny_calibration, alpha=0.5, groups=smoothquant.GROUPS)
+    assert torch.allclose(logits_of(smoothed), logits_of(model), atol=1e-4, rtol=1e-4)
+    assert "model.layers.1.down" in record.outlier_ratio_after
+    assert not torch.equal(smoothed.model.layers[1].mlp.up_proj.weight, model.model.layers[1].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match="smooths some of"):
+        w8a8.W8A8Config(smooth_alpha=0.5, smooth_groups=("o",))
+    assert w8a8.W8A8Config(smooth_alpha=0.5, smooth_groups=smoothquant.GROUPS).label() == "w8a8 int8 token sq0.5+qkv+gate_up+down"
+
+
 @pytest.mark.parametrize("alpha", [-0.1, 1.5, True, "0.5"])
 def test_alpha_outside_zero_one_is_refused(alpha):
     with pytest.raises(ValueError, match="between 0 and 1"):

@@ -14,8 +14,9 @@ every Linear that reads ``X`` (q, k and v share their input). The division by ``
 RMSNorm in front (its per-channel weight), so it costs nothing at run time
 (:func:`course_utils.quant.awq_layout.fold_scales`, as AWQ's scales are folded in lesson 08).
 
-Where: the inputs of q/k/v (after ``input_layernorm``) and of gate/up (after ``post_attention_layernorm``),
-the two groups llm-compressor smooths by default for a Llama. ``statistic="range"`` computes the factor
+Where (``groups``): by default the inputs of q/k/v (after ``input_layernorm``) and of gate/up (after
+``post_attention_layernorm``), the two groups llm-compressor smooths by default for a Llama. ``"down"`` adds
+down_proj, whose input is ``act(gate) * up``: its factor is folded into up_proj's output rows, as AWQ does. ``statistic="range"`` computes the factor
 as llm-compressor does: the activation's range ``max X_j - min X_j`` instead of ``max|X_j|`` and twice
 ``max|W_j|`` (the weight's symmetric range), which changes ``s`` by a factor ``(range / max|X|) ** alpha /
 2 ** (1 - alpha)`` per channel.
@@ -33,6 +34,7 @@ from course_utils.quant.awq_layout import LLAMA_GROUPS, check_architecture, fold
 from course_utils.quant.contract import check_finite, check_not_quantized
 
 SMOOTHED_GROUPS = ("qkv", "gate_up")  # the groups behind a norm, where the division folds for free
+GROUPS = ("qkv", "gate_up", "down")  # what smooth_model can smooth ("down": folded into up_proj's rows)
 STATISTICS = ("absmax", "range")
 MINIMUM_FACTOR = 1e-5  # llm-compressor's floor on a factor, so that a dead channel does not divide by 0
 
@@ -73,19 +75,28 @@ class Smoothing:
     outlier_ratio_after: dict[str, float]
 
 
+def check_groups(groups: tuple[str, ...]) -> tuple[str, ...]:
+    """``groups`` as a tuple of names from :data:`GROUPS`; ``ValueError`` for another name or none."""
+    groups = tuple(groups)
+    wrong = [g for g in groups if g not in GROUPS]
+    if wrong or not groups:
+        raise ValueError(f"SmoothQuant smooths some of {GROUPS}, got {groups!r}")
+    return groups
+
+
 def _ratio(amax: torch.Tensor) -> float:
     return float(amax.max() / amax.median().clamp(min=1e-12))
 
 
 @torch.no_grad()
 def group_statistics(model: nn.Module, calibration: torch.Tensor, statistic: str = "absmax",
-                     batch_size: int = 4) -> dict[str, torch.Tensor]:
+                     batch_size: int = 4, groups: tuple[str, ...] = SMOOTHED_GROUPS) -> dict[str, torch.Tensor]:
     """``{"model.layers.i.qkv": (in,), ...}``: the input statistic of each smoothed group over the calibration
     tokens (n_samples, seq_len): ``max|X_j|`` or ``max X_j - min X_j`` of what its first Linear receives."""
     layers = model.model.layers
     check_architecture(layers)
     firsts = {f"model.layers.{i}.{label}": layer.get_submodule(names[0])
-              for i, layer in enumerate(layers) for label, _, names in LLAMA_GROUPS if label in SMOOTHED_GROUPS}
+              for i, layer in enumerate(layers) for label, _, names in LLAMA_GROUPS if label in check_groups(groups)}
     lo = {k: None for k in firsts}
     hi = dict(lo)
     with capture_inputs(*firsts.values()) as seen:
@@ -106,17 +117,17 @@ def group_statistics(model: nn.Module, calibration: torch.Tensor, statistic: str
 
 @torch.no_grad()
 def smooth_model(model: nn.Module, calibration: torch.Tensor, alpha: float = 0.5, statistic: str = "absmax",
-                 batch_size: int = 4) -> Smoothing:
+                 batch_size: int = 4, groups: tuple[str, ...] = SMOOTHED_GROUPS) -> Smoothing:
     """Fold SmoothQuant's factors into ``model`` (a float Llama-style model), in place: the norms' weights
-    divided by ``s``, the q/k/v and gate/up columns multiplied by it. The float model's outputs do not change
+    (or, for ``"down"``, up_proj's rows) divided by ``s``, the smoothed Linears' columns multiplied by it. The float model's outputs do not change
     (up to float rounding). Refuses an already quantized model and ``alpha`` outside [0, 1]."""
     check_alpha(alpha)
     check_not_quantized(model)
-    stats = group_statistics(model, calibration, statistic, batch_size)
+    stats = group_statistics(model, calibration, statistic, batch_size, groups)
     before, after = {}, {}
     for i, layer in enumerate(model.model.layers):
         for label, previous, names in LLAMA_GROUPS:
-            if label not in SMOOTHED_GROUPS:
+            if label not in groups:
                 continue
             key = f"model.layers.{i}.{label}"
             linears = [layer.get_submodule(n) for n in names]

@@ -109,7 +109,8 @@ class W8A8Linear(QuantizedLayer):
 class W8A8Config:
     """Weights and activations in ``dtype`` ("int8" or "fp8"), activation scales per ``activations``
     ("token": dynamic, or "tensor": static from calibration), SmoothQuant first if ``smooth_alpha`` is set
-    (with llm-compressor's ``smooth_statistic="range"`` or the paper's "absmax")."""
+    (with llm-compressor's ``smooth_statistic="range"`` or the paper's "absmax"; ``smooth_groups``: which inputs,
+    see :mod:`course_utils.quant.smoothquant`)."""
 
     method: ClassVar[str] = "w8a8"
 
@@ -117,6 +118,7 @@ class W8A8Config:
     activations: str = "token"
     smooth_alpha: float | None = None
     smooth_statistic: str = "absmax"
+    smooth_groups: tuple[str, ...] = smoothquant.SMOOTHED_GROUPS
 
     def __post_init__(self):
         act_quant.check_dtype(self.dtype)
@@ -124,6 +126,7 @@ class W8A8Config:
             raise ValueError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r}")
         if self.smooth_alpha is not None:
             smoothquant.check_alpha(self.smooth_alpha)
+        smoothquant.check_groups(self.smooth_groups)
         if self.smooth_statistic not in smoothquant.STATISTICS:
             raise ValueError(f"smooth_statistic must be one of {smoothquant.STATISTICS}, got {self.smooth_statistic!r}")
 
@@ -135,6 +138,8 @@ class W8A8Config:
     def label(self) -> str:
         """Short name such as ``w8a8 int8 token`` or ``w8a8 fp8 tensor sq0.5``."""
         sq = "" if self.smooth_alpha is None else f" sq{self.smooth_alpha:g}"
+        if self.smooth_alpha is not None and tuple(self.smooth_groups) != smoothquant.SMOOTHED_GROUPS:
+            sq += "+" + "+".join(self.smooth_groups)
         return f"w8a8 {self.dtype} {self.activations}{sq}"
 
 
@@ -156,7 +161,8 @@ def quantize_model(model: nn.Module, config: W8A8Config = W8A8Config(), calibrat
     start = time.perf_counter()
     smoothing = None
     if config.smooth_alpha is not None:
-        smoothing = smoothquant.smooth_model(model, calibration, config.smooth_alpha, config.smooth_statistic, batch_size)
+        smoothing = smoothquant.smooth_model(model, calibration, config.smooth_alpha, config.smooth_statistic, batch_size,
+                                             config.smooth_groups)
     scales: dict[str, torch.Tensor] = {}
     if config.activations == "tensor":
         stats = input_statistics(model, calibration, batch_size=batch_size)
