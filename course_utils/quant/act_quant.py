@@ -11,7 +11,9 @@ apply it afterwards: it is simulated here to show what it would buy (it isolates
 of lesson 06), and is labelled so wherever it is used. SmoothQuant (:mod:`course_utils.quant.smoothquant`)
 moves those per-channel magnitudes into the weights, where a per-channel scale is free.
 
-``int8`` is symmetric, codes -127..127, ``scale = amax / 127``; ``fp8`` is E4M3 (largest 448),
+(:func:`course_utils.quant.llm_int8.absmax_int8` is the int8 per-row/per-tensor case LLM.int8 uses, with
+its own order of float operations that lesson 06 checks against bitsandbytes; this module adds FP8 and the
+per-channel scale.) ``int8`` is symmetric, codes -127..127, ``scale = amax / 127``; ``fp8`` is E4M3 (largest 448),
 ``scale = amax / 448``, the scaled value rounded by torch's float8 cast (to nearest, ties to even).
 """
 

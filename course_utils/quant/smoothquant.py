@@ -84,8 +84,9 @@ def check_groups(groups: tuple[str, ...]) -> tuple[str, ...]:
     return groups
 
 
-def _ratio(amax: torch.Tensor) -> float:
-    return float(amax.max() / amax.median().clamp(min=1e-12))
+def outlier_ratio(channel_max: torch.Tensor) -> float:
+    """How uneven ``channel_max`` (in,) is: its largest entry over its median (1: every channel alike)."""
+    return float(channel_max.max() / channel_max.median().clamp(min=1e-12))
 
 
 @torch.no_grad()
@@ -132,7 +133,7 @@ def smooth_model(model: nn.Module, calibration: torch.Tensor, alpha: float = 0.5
             key = f"model.layers.{i}.{label}"
             linears = [layer.get_submodule(n) for n in names]
             s = smoothing_factors(stats[key], [m.weight for m in linears], alpha, statistic)
-            before[key] = _ratio(stats[key])
-            after[key] = _ratio(stats[key] / s)
+            before[key] = outlier_ratio(stats[key])
+            after[key] = outlier_ratio(stats[key] / s)
             fold_scales(layer.get_submodule(previous), linears, s.to(linears[0].weight.device))
     return Smoothing(alpha, statistic, before, after)
