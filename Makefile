@@ -20,9 +20,10 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 course: setup
 	$(PY) -m course_utils run
 
-## The whole test suite: unit tests, then every lesson and solution re-executed and compared (nbval).
+## The whole test suite: unit tests, then every lesson and solution re-executed and compared (nbval);
+## the 25 slowest cells and tests are listed at the end, to see where the minutes go.
 test: setup
-	$(PY) -m pytest --nbval --nbval-current-env --nbval-cell-timeout=900 -q
+	$(PY) -m pytest --nbval --nbval-current-env --nbval-cell-timeout=900 -q --durations=25
 
 ## The unit tests that need neither the default model nor a GPU (under two minutes on two cores).
 test-fast: setup
